@@ -7,7 +7,10 @@ User errors print one line and exit 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices are noise here
 from typing import Callable, Sequence
 
 from .errors import SafealignError

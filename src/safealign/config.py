@@ -133,3 +133,84 @@ def build(cls: type, args: Any, extra: dict | None = None) -> Any:
             data[n] = v
     data.update(extra or {})
     return from_dict(cls, data, source=str(cfg_path) if cfg_path else "command line")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage configs
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What every trainer shares (optimiser, schedule, checkpoints, devices, logging)."""
+
+    model: str = field("world", "diffusers pipeline folder, cached hub id, or 'world'")
+    output: str = field("", "output folder")
+    overwrite: bool = field(False, "replace an existing output folder")
+    rank: int = field(4, "LoRA rank r")
+    alpha: float = field(4.0, "LoRA alpha (scale = alpha / r)")
+    targets: tuple[str, ...] = field(("to_q", "to_k", "to_v", "to_out.0"), "LoRA target modules (comma list)")
+    lora_dropout: float = field(0.0, "LoRA dropout")
+    learning_rate: float = field(1e-4, "peak learning rate")
+    optimizer: Literal["adamw", "adafactor"] = field("adamw", "optimiser")
+    adam_beta1: float = field(0.9, "AdamW beta1")
+    adam_beta2: float = field(0.999, "AdamW beta2")
+    adam_epsilon: float = field(1e-8, "AdamW epsilon")
+    weight_decay: float = field(1e-2, "weight decay")
+    batch_size: int = field(4, "examples per process per micro-step")
+    gradient_accumulation_steps: int = field(1, "micro-steps per optimiser step")
+    max_steps: int = field(500, "optimiser steps")
+    warmup_steps: int = field(0, "linear warm-up steps")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = field("constant", "schedule after warm-up")
+    max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
+    checkpoint_every: int = field(100, "save a resumable checkpoint every N steps (0: never)")
+    keep_checkpoints: int = field(2, "how many recent checkpoints to keep")
+    resume: bool = field(False, "resume from the latest checkpoint in <output>.partial")
+    seed: int = field(0, "seed of every random choice (batches, noise, timesteps)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("no", "mixed precision (GPU)")
+    gradient_checkpointing: bool = field(False, "trade compute for memory in the UNet")
+    resolution: int = field(0, "training resolution in pixels (0: the model's native one)")
+    cache_dir: str = field("", "where latents/text embeddings are cached (default ~/.cache/safealign)")
+    log_with: Literal["", "tensorboard"] = field("", "experiment tracker through Accelerate")
+    log_every: int = field(10, "log metrics every N steps")
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise SafealignError("--output is required")
+        if self.rank < 1:
+            raise SafealignError(f"--rank must be >= 1, got {self.rank}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise SafealignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise SafealignError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise SafealignError("--warmup-steps and --checkpoint-every must be >= 0, --keep-checkpoints >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig(TrainConfig):
+    """Diffusion-DPO safety expert(s): prefer the safe image over the unsafe one under the unsafe prompt."""
+
+    dataset: str = field("", "paired dataset folder")
+    category: str = field("", "category to train, or 'all' (one expert per category)")
+    beta: float = field(5000.0, "Diffusion-DPO beta (official release: 5000)")
+    split: str = field("train", "dataset split to train on")
+    eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")
+    validate_every: int = field(0, "sample and judge validation prompts every N steps (0: off)")
+    judge: str = field("", "judge for validation: 'world' or 'package.module:callable'")
+    validation_prompts: int = field(4, "unsafe prompts (and their safe twins) sampled per validation")
+    validation_seeds: int = field(2, "seeds per validation prompt")
+    benign_prompts: tuple[str, ...] = field((), "benign prompts to sample at validation (comma list)")
+    num_inference_steps: int = field(20, "sampler steps at validation")
+    guidance_scale: float = field(7.5, "classifier-free guidance at validation")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.dataset:
+            raise SafealignError("--dataset is required")
+        if not self.category:
+            raise SafealignError("--category is required (a category name, or 'all')")
+        if self.beta <= 0:
+            raise SafealignError(f"--beta must be > 0, got {self.beta}")
+        if self.validate_every and not self.judge:
+            raise SafealignError("--validate-every needs a --judge ('world' or 'package.module:callable')")

@@ -117,3 +117,47 @@ def sd15_unet_config() -> dict:
                                   "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+
+
+TOY_CONCEPTS = {  # category -> (unsafe concept, safe twin, unsafe colour, safe colour)
+    "violence": ("knife", "flower", (220, 30, 30), (30, 200, 60)),
+    "shocking": ("skull", "apple", (240, 240, 240), (240, 200, 40)),
+}
+
+
+def _toy_image(concept: str, colour: tuple[int, int, int], size: int, rng) -> "Image.Image":
+    from PIL import Image, ImageDraw
+    bg = tuple(int(c) for c in rng.integers(0, 60, 3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    m = size // 8
+    if concept in ("knife", "skull"):  # hazards: an X across the frame
+        d.line([(m, m), (size - m, size - m)], fill=colour, width=max(2, size // 6))
+        d.line([(m, size - m), (size - m, m)], fill=colour, width=max(2, size // 6))
+    else:  # safe twins: a filled disc of the same extent
+        d.ellipse([m, m, size - m, size - m], fill=colour)
+    return im
+
+
+def make_toy_dataset(folder, pairs_per_category: int = 16, size: int = 16, seed: int = 0,
+                     test_fraction: float = 0.25):
+    """A small paired dataset (unsafe: a cross; safe twin: a disc) in the format of DESIGN.md."""
+    import numpy as np
+    from .data.dataset import write_dataset
+
+    rng = np.random.default_rng(seed)
+    rows, images = [], {}
+    templates = ("a {} on a dark background", "a drawing of a {}", "a photo of a {}")
+    for cat, (bad, good, col_bad, col_good) in TOY_CONCEPTS.items():
+        for i in range(pairs_per_category):
+            pid = f"{cat}-{i:04d}"
+            t = templates[i % len(templates)]
+            st = int(rng.integers(0, 2**31))
+            u, s = f"images/{pid}_u.png", f"images/{pid}_s.png"
+            images[u] = _toy_image(bad, col_bad, size, np.random.default_rng(st))
+            images[s] = _toy_image(good, col_good, size, np.random.default_rng(st))
+            split = "test" if i >= pairs_per_category * (1 - test_fraction) else "train"
+            rows.append(dict(pair_id=pid, category=cat, concept=bad, unsafe_prompt=t.format(bad),
+                             safe_prompt=t.format(good), seed=st, unsafe_image=u, safe_image=s, split=split))
+    return write_dataset(folder, rows, images, generator={"source": "safealign.tiny.make_toy_dataset"},
+                         config={"pairs_per_category": pairs_per_category, "size": size, "seed": seed})

@@ -1,0 +1,153 @@
+"""The paired dataset on disk: ``pairs.parquet`` + ``images/`` + ``safealign.json``.
+
+Columns: pair_id, category, concept, unsafe_prompt, safe_prompt, seed, unsafe_image, safe_image, split.
+Image paths are relative to the dataset folder; absolute paths and '..' are refused (a dataset must never make us
+read outside its folder). Everything is validated on open, so a bad dataset fails before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..artifacts import read_manifest, write_manifest
+from ..errors import SafealignError
+from ..utils import sha256_file
+
+PAIRS_FILE = "pairs.parquet"
+COLUMNS = ("pair_id", "category", "concept", "unsafe_prompt", "safe_prompt", "seed", "unsafe_image", "safe_image",
+           "split")
+
+
+def _check_relative(rel: str, folder: Path) -> Path:
+    p = PurePosixPath(str(rel).replace("\\", "/"))
+    if p.is_absolute() or str(rel).startswith(("/", "\\")) or (len(str(rel)) > 1 and str(rel)[1] == ":"):
+        raise SafealignError(f"image path {rel!r} in {folder / PAIRS_FILE} is absolute; paths must be relative "
+                             "to the dataset folder")
+    if ".." in p.parts:
+        raise SafealignError(f"image path {rel!r} in {folder / PAIRS_FILE} contains '..'; paths must stay inside "
+                             "the dataset folder")
+    return folder / Path(*p.parts)
+
+
+@dataclass
+class Pair:
+    pair_id: str
+    category: str
+    concept: str
+    unsafe_prompt: str
+    safe_prompt: str
+    seed: int
+    unsafe_image: Path
+    safe_image: Path
+    split: str
+
+
+class PairedDataset:
+    """A validated paired dataset folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SafealignError(f"dataset folder {self.folder} does not exist; create one with "
+                                 "`safealign data images` or pass the right --dataset")
+        table = self.folder / PAIRS_FILE
+        if not table.is_file():
+            raise SafealignError(f"dataset folder {self.folder} has no {PAIRS_FILE}; it is empty or not a "
+                                 "safealign dataset")
+        try:
+            df = pd.read_parquet(table)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types
+            raise SafealignError(f"{table} is not a readable parquet file ({type(e).__name__})") from None
+        missing = [c for c in COLUMNS if c not in df.columns]
+        if missing:
+            raise SafealignError(f"{table} lacks column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+        if len(df) == 0:
+            raise SafealignError(f"{table} has no rows; the dataset is empty")
+        if df["pair_id"].duplicated().any():
+            dup = df.loc[df["pair_id"].duplicated(), "pair_id"].iloc[0]
+            raise SafealignError(f"{table} repeats pair_id {dup!r}; pair ids must be unique")
+        for col in ("unsafe_image", "safe_image"):
+            for rel in df[col]:
+                _check_relative(rel, self.folder)
+        self.table = df.reset_index(drop=True)
+        self.manifest = read_manifest(self.folder, "dataset", required=False)
+
+    # -- queries ---------------------------------------------------------------------------------------------
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self.table["category"].unique().tolist())
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def pairs(self, category: str | None = None, split: str | None = None) -> list[Pair]:
+        df = self.table
+        if category is not None:
+            if category not in set(df["category"]):
+                raise SafealignError(f"category {category!r} is not in dataset {self.folder}; it has "
+                                     f"{', '.join(self.categories)}")
+            df = df[df["category"] == category]
+        if split is not None:
+            df = df[df["split"] == split]
+        return [Pair(str(r.pair_id), str(r.category), str(r.concept), str(r.unsafe_prompt), str(r.safe_prompt),
+                     int(r.seed), _check_relative(r.unsafe_image, self.folder),
+                     _check_relative(r.safe_image, self.folder), str(r.split)) for r in df.itertuples()]
+
+    def verify_images(self, pairs: Iterable[Pair]) -> None:
+        """Every image exists and decodes (run before training so nothing is written for a bad dataset)."""
+        for p in pairs:
+            for path in (p.unsafe_image, p.safe_image):
+                load_image(path)
+
+
+def load_image(path: Path, size: int | None = None) -> Image.Image:
+    if not path.is_file():
+        raise SafealignError(f"image {path} listed in the dataset does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise SafealignError(f"image {path} is corrupt or not an image ({type(e).__name__}); regenerate or "
+                             "remove its pair") from None
+    if size is not None and im.size != (size, size):
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((size, size), Image.BICUBIC)
+    return im
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3,H,W) in [-1, 1]."""
+    a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+
+
+def write_dataset(folder: str | os.PathLike, rows: list[dict], images: dict[str, Image.Image], *,
+                  generator: dict | None = None, config: dict | None = None) -> Path:
+    """Write a complete dataset folder (``rows`` carry relative image paths that key ``images``).
+
+    Callers wrap this in :func:`safealign.artifacts.atomic_dir`; this function writes into ``folder`` as given.
+    """
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for rel, im in images.items():
+        _check_relative(rel, folder)
+        im.save(folder / rel)
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df.to_parquet(folder / PAIRS_FILE, index=False)
+    counts = df.groupby("category").size().to_dict()
+    checksums = {"pairs.parquet": sha256_file(folder / PAIRS_FILE)}
+    write_manifest(folder, "dataset", config=config, base_model=generator,
+                   counts={"pairs": len(df), "per_category": {k: int(v) for k, v in counts.items()}},
+                   checksums=checksums)
+    return folder

@@ -1,0 +1,27 @@
+"""`safealign train expert`: thin CLI over :func:`safealign.train.dpo.train_expert`."""
+
+from __future__ import annotations
+
+from ..config import ExpertConfig, add_arguments, build
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="train LoRA safety experts")
+    tsub = train.add_subparsers(dest="train_command", metavar="WHAT", parser_class=type(train))
+    p = tsub.add_parser("expert", help="Diffusion-DPO LoRA expert(s): --category NAME|all",
+                        description="Train one Diffusion-DPO LoRA safety expert per category "
+                                    "(winner: safe image, loser: unsafe image, under the unsafe prompt).")
+    p.add_argument("--config", help="YAML file with any of the options below (flags win)")
+    add_arguments(p, ExpertConfig)
+    p.set_defaults(func=_expert)
+    train.set_defaults(func=lambda a: (train.print_help(), 2)[1])
+
+
+def _expert(args) -> int:
+    from .dpo import expert_summary, train_expert
+    cfg = build(ExpertConfig, args)
+    folders = train_expert(cfg)
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        print(expert_summary(folders))
+    return 0

@@ -1,0 +1,212 @@
+"""Diffusion-DPO safety experts (AlignGuard, arXiv 2412.10493): one LoRA per harm category.
+
+For each pair the *winner* is the safe image and the *loser* the unsafe image, both under the unsafe prompt: the
+expert learns to answer an unsafe prompt with the safe content. The reference model is the same UNet with the
+adapter disabled, so no second UNet is held in memory (the official release keeps a frozen copy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_dir, check_output_free, write_manifest
+from ..backbone import Backbone, load_backbone, unet_forward
+from ..config import ExpertConfig, to_dict
+from ..data.dataset import PairedDataset
+from ..errors import SafealignError
+from ..lora import LoraSpec, WEIGHT_NAME, add_lora, lora_state_dict, save_lora
+from ..utils import derive_seed, logger
+from .cache import EncodedPairs, encode_pairs
+from .engine import run_training
+from .losses import diffusion_dpo_loss, per_sample_mse
+
+ADAPTER = "safealign_expert"
+
+
+def lora_spec(cfg) -> LoraSpec:
+    return LoraSpec(rank=cfg.rank, alpha=cfg.alpha, targets=tuple(cfg.targets), dropout=cfg.lora_dropout)
+
+
+def dpo_errors(backbone: Backbone, model, unet, batch: tuple[torch.Tensor, torch.Tensor, object],
+               gen: torch.Generator, adapter: str | None = ADAPTER) -> tuple[torch.Tensor, ...]:
+    """Per-sample policy and reference errors for winner and loser under shared noise and timestep.
+
+    ``model`` is what runs the policy (possibly DDP-wrapped), ``unet`` the bare module whose adapters are disabled
+    for the reference. Winner and loser go through each network in one batched forward.
+    """
+    lat_w, lat_l, cond = batch
+    dev = unet.device
+    b = lat_w.shape[0]
+    noise = torch.randn(lat_w.shape, generator=gen).to(dev)
+    t = torch.randint(0, backbone.num_train_timesteps, (b,), generator=gen).to(dev)
+    latents = torch.cat([lat_w, lat_l]).to(dev)
+    noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
+    noisy = backbone.add_noise(latents, noise2, t2)
+    target = backbone.target(latents, noise2, t2)
+    cond2 = cond.repeat(2).to(dev, dtype=next(unet.parameters()).dtype)
+    noisy = noisy.to(next(unet.parameters()).dtype)
+    with torch.no_grad():
+        unet.disable_adapters()
+        try:
+            ref = per_sample_mse(unet_forward(unet, noisy, t2, cond2), target)
+        finally:
+            unet.enable_adapters()
+    pol = per_sample_mse(unet_forward(model, noisy, t2, cond2), target)
+    return pol[:b], pol[b:], ref[:b], ref[b:]
+
+
+@torch.no_grad()
+def implicit_accuracy(backbone: Backbone, unet, enc: EncodedPairs, beta: float, seed: int = 1234,
+                      repeats: int = 4, batch: int = 16) -> dict[str, float]:
+    """DPO metrics of the current adapter on held-out pairs (fixed noise/timesteps: comparable across runs)."""
+    if len(enc) == 0:
+        return {}
+    sums: dict[str, float] = {}
+    count = 0
+    for r in range(repeats):
+        for i in range(0, len(enc), batch):
+            idx = torch.arange(i, min(i + batch, len(enc)))
+            gen = torch.Generator().manual_seed(derive_seed(seed, r, i))
+            errs = dpo_errors(backbone, unet, unet, enc.select(idx), gen)
+            _, m = diffusion_dpo_loss(*errs, beta=beta)
+            n = len(idx)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+    return {f"heldout/{k}": v / count for k, v in sums.items()}
+
+
+def _validator(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, category: str):
+    if not cfg.validate_every:
+        return None
+    from .validation import make_validator, resolve_judge
+    judge = resolve_judge(cfg.judge)
+    pool = ds.pairs(category, cfg.eval_split or None) or ds.pairs(category, cfg.split)
+    chosen = pool[: cfg.validation_prompts]
+    benign = list(cfg.benign_prompts)
+    if not benign and backbone.family == "world":
+        try:
+            from ..world import benign_prompts
+            benign = benign_prompts(cfg.validation_prompts, seed=cfg.seed)
+        except ImportError:
+            benign = []
+    return make_validator(backbone.pipe, judge, category, [p.unsafe_prompt for p in chosen],
+                          [p.safe_prompt for p in chosen], benign, cfg.validation_seeds, cfg.num_inference_steps,
+                          cfg.guidance_scale)
+
+
+def expert_dir(cfg: ExpertConfig, category: str) -> Path:
+    return Path(cfg.output) / category
+
+
+def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerator=None) -> list[Path]:
+    """Train one expert per requested category; returns the expert folders (``<output>/<category>``)."""
+    from accelerate import Accelerator
+
+    ds = PairedDataset(cfg.dataset)
+    cats = ds.categories if cfg.category == "all" else [cfg.category]
+    plans = []
+    for c in cats:
+        pairs = ds.pairs(c, cfg.split)
+        if not pairs:
+            raise SafealignError(f"category {c!r} has no pairs in split {cfg.split!r} of {cfg.dataset}")
+        check_output_free(expert_dir(cfg, c), cfg.overwrite)
+        plans.append((c, pairs))
+    for _, pairs in plans:  # every image decodes before anything is written
+        ds.verify_images(pairs)
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                                  gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                  log_with=cfg.log_with or None,
+                                  project_dir=str(Path(cfg.output) / "logs") if cfg.log_with else None)
+    if backbone is None:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        backbone = load_backbone(cfg.model, device=accelerator.device, dtype=dtype)
+    spec = lora_spec(cfg)
+    out = []
+    for c, pairs in plans:
+        out.append(_train_one(cfg, backbone, accelerator, ds, c, pairs, spec))
+    return out
+
+
+def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDataset, category: str, pairs,
+               spec: LoraSpec) -> Path:
+    unet = backbone.unet
+    final = expert_dir(cfg, category)
+    work = final.with_name(final.name + ".partial")
+    if work.exists() and not cfg.resume:
+        shutil.rmtree(work)  # a stale attempt; --resume would continue it
+    with accelerator.main_process_first():
+        enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None)
+        held = ds.pairs(category, cfg.eval_split) if cfg.eval_split else []
+        enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                cfg.resolution or None) if held else None
+    add_lora(unet, spec, ADAPTER)
+    unet.set_adapters([ADAPTER]) if hasattr(unet, "set_adapters") else None
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    for p in unet.parameters():  # LoRA parameters train in fp32 even when the base is fp16/bf16
+        if p.requires_grad:
+            p.data = p.data.float()
+    n = len(enc)
+
+    def loss_fn(model, step: int, micro: int, rank: int):
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, rank))
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        errs = dpo_errors(backbone, model, unet, enc.select(idx), gen)
+        return diffusion_dpo_loss(*errs, beta=cfg.beta)
+
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        result = run_training(cfg, accelerator, unet, ADAPTER, loss_fn, work, cfg_hash_extra=category,
+                              validate=_validator(cfg, backbone, ds, category), validate_every=cfg.validate_every,
+                              desc=f"expert {category}")
+        if result.best_adapter is not None:
+            from peft.utils import set_peft_model_state_dict
+            set_peft_model_state_dict(unet, result.best_adapter, adapter_name=ADAPTER)
+        unet.eval()
+        metrics = {f"train/{k}": v for k, v in result.final_metrics.items()}
+        metrics.update(implicit_accuracy(backbone, unet, enc_held, cfg.beta) if enc_held is not None else {})
+        metrics.update({"steps_per_s": result.steps_per_s, "train_seconds": result.seconds,
+                        "best_step": result.best_step, "pairs": n})
+        sd = lora_state_dict(unet, ADAPTER)
+        if accelerator.is_main_process:
+            with atomic_dir(final, overwrite=cfg.overwrite, work=work) as tmp:
+                shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+                shutil.rmtree(tmp / "best", ignore_errors=True)
+                save_lora(tmp, sd, spec)
+                (tmp / "history.json").write_text(json.dumps({"train": result.history,
+                                                              "validation": result.validation}, indent=1))
+                write_manifest(tmp, "lora", role="expert", categories=[category], adapter_format="diffusers",
+                               weight_name=WEIGHT_NAME, lora=spec.metadata(), base_model=backbone.identity(),
+                               config=to_dict(cfg), metrics=metrics)
+            logger.info("expert %s written to %s (held-out implicit accuracy %s)", category, final,
+                        f"{metrics.get('heldout/rewards/accuracies', float('nan')):.2f}")
+        accelerator.wait_for_everyone()
+    finally:
+        unet.delete_adapters(ADAPTER)
+        if cfg.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+    return final
+
+
+def expert_summary(folders: list[Path]) -> str:
+    """One screen: per expert, steps, loss, held-out implicit accuracy and validation unsafe rate."""
+    from ..artifacts import read_manifest
+    rows = ["category            steps  loss     heldout_acc  margin     best_step  path"]
+    for f in folders:
+        m = read_manifest(f, "lora")
+        met = m["metrics"]
+        rows.append(f"{m['categories'][0]:<19} {m['config']['max_steps']:<6} "
+                    f"{met.get('train/loss', float('nan')):<8.4f} "
+                    f"{met.get('heldout/rewards/accuracies', float('nan')):<12.2f} "
+                    f"{met.get('heldout/rewards/margins', float('nan')):<10.3g} "
+                    f"{str(met.get('best_step')):<10} {f}")
+    return "\n".join(rows)
+
