@@ -36,9 +36,15 @@ def to_dict(cfg: Any) -> dict:
     return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
+# options that change how a run is carried out, not what it computes
+OPERATIONAL = ("resume", "overwrite", "cache_dir", "log_with", "log_every")
+
+
 def config_hash(cfg: Any) -> str:
+    """Hash of what determines the result (operational options such as --resume excluded)."""
     from .utils import sha256_text
-    return sha256_text(json.dumps(to_dict(cfg), sort_keys=True))[:16]
+    d = {k: v for k, v in to_dict(cfg).items() if k not in OPERATIONAL}
+    return sha256_text(json.dumps(d, sort_keys=True))[:16]
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

@@ -31,10 +31,20 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
                 file=sys.stderr, leave=False, **kw)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at emit time (not the stream captured at set-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(h)
     logger.setLevel(level)

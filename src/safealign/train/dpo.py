@@ -127,9 +127,16 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerato
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         backbone = load_backbone(cfg.model, device=accelerator.device, dtype=dtype)
     spec = lora_spec(cfg)
+    if cfg.log_with:
+        accelerator.init_trackers("safealign-expert", config={k: (",".join(v) if isinstance(v, list) else v)
+                                                              for k, v in to_dict(cfg).items()})
     out = []
-    for c, pairs in plans:
-        out.append(_train_one(cfg, backbone, accelerator, ds, c, pairs, spec))
+    try:
+        for c, pairs in plans:
+            out.append(_train_one(cfg, backbone, accelerator, ds, c, pairs, spec))
+    finally:
+        if cfg.log_with:
+            accelerator.end_training()
     return out
 
 
@@ -145,6 +152,7 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         held = ds.pairs(category, cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                 cfg.resolution or None) if held else None
+    torch.manual_seed(derive_seed(cfg.seed, "lora-init", category))  # LoRA A init is random: make it seeded
     add_lora(unet, spec, ADAPTER)
     unet.set_adapters([ADAPTER]) if hasattr(unet, "set_adapters") else None
     if cfg.gradient_checkpointing:

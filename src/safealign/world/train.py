@@ -1,0 +1,296 @@
+"""Build the mini world from scratch: VAE, judge, text encoder + UNet, then measure everything.
+
+``build(out_dir)`` is what ``safealign world build`` runs; it is seeded (same seed, same machine -> same weights)
+and takes under 30 minutes on 2 CPU cores (``quick=True``: about a minute, for tests). Training data is rendered on
+the fly (a render costs ~0.1 ms), so no stage ever sees the same image twice and nothing is cached on disk.
+
+Stages:
+1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction, a tiny KL; then the latent scaling factor is set
+   so scaled latents have unit variance, as in SD.
+2. Judge: renders + degradations, a third of each batch round-tripped through the VAE.
+3. Text encoder + UNet, jointly from scratch, DDPM epsilon loss with min-SNR weighting; training phrasings only,
+   the prompt dropped (empty string) 10% of the time so classifier-free guidance works.
+4. Quality: judge accuracy on held-out renders; hazard rates and attribute accuracy of the model on held-out
+   phrasings at the default sampling settings; judge vs nearest-render agreement on generated images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import field, to_dict
+from ..errors import SafealignError
+from ..utils import progress
+from . import model as M
+from .judge import train_judge
+from .render import render_batch
+from .scene import Scene, sample_scene, scene_prompt
+
+logger = logging.getLogger("safealign")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """How the world is built. ``quick`` shrinks every stage to seconds (for tests), not for use."""
+
+    seed: int = field(0, "seed for every stage (renders, init, noise, evaluation)")
+    quick: bool = field(False, "tiny run for tests: seconds per stage, the weights are not usable")
+    threads: int = field(2, "torch CPU threads")
+    vae_steps: int = field(700, "VAE optimisation steps")
+    vae_batch: int = field(32, "VAE batch size")
+    vae_lr: float = field(1e-3, "VAE peak learning rate")
+    judge_steps: int = field(1200, "judge optimisation steps")
+    judge_batch: int = field(96, "judge batch size")
+    judge_lr: float = field(2e-3, "judge peak learning rate")
+    unet_steps: int = field(3600, "UNet + text encoder optimisation steps")
+    unet_batch: int = field(32, "UNet batch size")
+    unet_lr: float = field(6e-4, "UNet + text encoder peak learning rate")
+    cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
+    min_snr_gamma: float = field(5.0, "min-SNR loss weighting (0 = off)")
+    sample_steps: int = field(M.DEFAULT_STEPS, "default DPM-Solver++ steps recorded in the pipeline")
+    guidance: float = field(M.DEFAULT_GUIDANCE, "default classifier-free guidance recorded in the pipeline")
+    eval_per_concept: int = field(6, "held-out prompt pairs per hazard concept in the quality check")
+    eval_benign: int = field(96, "held-out benign prompts in the quality check")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise SafealignError(f"world config {f.name} must be >= 0, got {v}")
+        if not 0 <= self.cond_dropout < 1:
+            raise SafealignError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+
+    @classmethod
+    def quick_config(cls, seed: int = 0) -> "WorldConfig":
+        return cls(seed=seed, quick=True, vae_steps=30, vae_batch=16, judge_steps=30, judge_batch=32,
+                   unet_steps=30, unet_batch=16, sample_steps=4, eval_per_concept=1, eval_benign=8)
+
+
+def _to_pixels(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class _Scenes:
+    """Random training scenes (rendered on the fly) from one seeded stream."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[Scene]]:
+        scenes = [sample_scene(self.rng) for _ in range(n)]
+        return _to_pixels(render_batch(scenes)), scenes
+
+
+# -- stage 1: VAE -----------------------------------------------------------------------------------------------
+def train_vae(cfg: WorldConfig):
+    torch.manual_seed(cfg.seed)
+    vae = M.make_vae()
+    data = _Scenes(cfg.seed * 7 + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.vae_steps, min(50, cfg.vae_steps)))
+    vae.train()
+    bar = progress(range(cfg.vae_steps), desc="vae")
+    for step in bar:
+        x, _ = data.batch(cfg.vae_batch)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    # SD convention: scaled latents have unit variance
+    x, _ = data.batch(512)
+    with torch.no_grad():
+        std = vae.encode(x).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=float(1.0 / max(std, 1e-6)))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    metrics = {"vae/reconstruction_mae": float((rec - x).abs().mean() / 2), "vae/latent_std": std}
+    return vae, metrics
+
+
+def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
+    """Encode (mean) and decode pixels in [-1, 1] -- how the world model's decoder degrades images."""
+    with torch.no_grad():
+        return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
+# -- stage 3: text encoder + UNet -------------------------------------------------------------------------------
+def train_unet(cfg: WorldConfig, vae, tokenizer):
+    torch.manual_seed(cfg.seed + 2)
+    text_encoder = M.make_text_encoder(tokenizer)
+    torch.manual_seed(cfg.seed + 3)
+    unet = M.make_unet()
+    sched = M.make_train_scheduler()
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, min(150, cfg.unet_steps)))
+    data = _Scenes(cfg.seed * 7 + 3)
+    prng = random.Random(cfg.seed * 7 + 4)
+    g = torch.Generator().manual_seed(cfg.seed * 7 + 5)
+    scale = vae.config.scaling_factor
+    unet.train()
+    text_encoder.train()
+    bar = progress(range(cfg.unet_steps), desc="unet")
+    ema_loss = None
+    for step in bar:
+        x, scenes = data.batch(cfg.unet_batch)
+        prompts = ["" if prng.random() < cfg.cond_dropout else scene_prompt(s, prng) for s in scenes]
+        with torch.no_grad():
+            lat = vae.encode(x).latent_dist.mean * scale
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),), generator=g)
+        noisy = sched.add_noise(lat, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        err = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            s = snr[t]
+            err = err * torch.clamp(s, max=cfg.min_snr_gamma) / s
+        loss = err.mean()
+        if not torch.isfinite(loss):
+            from ..errors import TrainingDiverged
+            raise TrainingDiverged(f"world UNet loss became {loss.item()} at step {step}; lower --unet-lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{ema_loss:.4f}")
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return text_encoder, unet, {"unet/final_loss": ema_loss}
+
+
+# -- the whole build --------------------------------------------------------------------------------------------
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
+
+
+def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: int = 0,
+          config: WorldConfig | None = None) -> dict:
+    """Train the world from scratch and write ``out_dir/{pipeline,judge}`` atomically; returns the manifest.
+
+    Default ``out_dir``: the weights folder shipped in the package (overwritten).
+    """
+    from ..artifacts import atomic_dir, write_manifest
+    from . import WEIGHTS
+    from .quality import judge_accuracy, model_quality
+
+    cfg = config or (WorldConfig.quick_config(seed) if quick else WorldConfig(seed=seed))
+    out = Path(out_dir) if out_dir is not None else WEIGHTS
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    t_all = time.perf_counter()
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:
+            t0 = time.perf_counter()
+            logger.info("world build: stage 1/4 VAE (%d steps)", cfg.vae_steps)
+            vae, mv = train_vae(cfg)
+            metrics.update(mv)
+            timings["vae"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            logger.info("world build: stage 2/4 judge (%d steps)", cfg.judge_steps)
+            jdata = _Scenes(cfg.seed * 7 + 2)
+            judge = train_judge(lambda _s: jdata.batch(cfg.judge_batch), steps=cfg.judge_steps,
+                                batch_size=cfg.judge_batch, lr=cfg.judge_lr, seed=cfg.seed + 1,
+                                roundtrip=lambda x: vae_roundtrip(vae, x))
+            timings["judge"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            logger.info("world build: stage 3/4 text encoder + UNet (%d steps)", cfg.unet_steps)
+            tokenizer = M.make_tokenizer()
+            text_encoder, unet, mu = train_unet(cfg, vae, tokenizer)
+            metrics.update(mu)
+            timings["unet"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            logger.info("world build: stage 4/4 quality")
+            n_eval = 300 if cfg.quick else 3000
+            rt = lambda a: _to_uint8(vae_roundtrip(vae, _to_pixels(a)))  # noqa: E731
+            jm = judge_accuracy(judge, n=n_eval, seed=cfg.seed + 10_000)
+            jm_rt = judge_accuracy(judge, n=n_eval // 3, seed=cfg.seed + 20_000, roundtrip=rt)
+            pipe = M.assemble_pipeline(vae, text_encoder, tokenizer, unet)
+            mm, _ = model_quality(pipe, judge, n_per_concept=cfg.eval_per_concept, n_benign=cfg.eval_benign,
+                                  seed=cfg.seed + 777, steps=cfg.sample_steps, guidance=cfg.guidance,
+                                  n_agreement=20 if cfg.quick else 100)
+            timings["quality"] = time.perf_counter() - t0
+            metrics.update({f"judge/{k}": v for k, v in jm.items()})
+            metrics.update({f"judge_vae_roundtrip/{k}": v for k, v in jm_rt.items()})
+            metrics.update({f"model/{k}": v for k, v in mm.items()})
+
+            # save: fp16 weights, standard pipeline folder, judge folder
+            pipe.to(torch.float16)
+            pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+            judge.save(tmp / "judge")
+            timings["total"] = time.perf_counter() - t_all
+            counts = {"unet_params": sum(p.numel() for p in unet.parameters()),
+                      "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
+                      "vae_params": sum(p.numel() for p in vae.parameters()),
+                      "judge_params": sum(p.numel() for p in judge.net.parameters())}
+            common = dict(config=to_dict(cfg), timings_s={k: round(v, 1) for k, v in timings.items()},
+                          command=("safealign world build" + (" --quick" if cfg.quick else "")
+                                   + (f" --seed {cfg.seed}" if cfg.seed else "")),
+                          parameters=counts, threads=cfg.threads)
+            write_manifest(tmp / "judge", "judge", metrics={k: v for k, v in metrics.items()
+                                                            if k.startswith("judge")}, **common)
+            size = _size_mb(tmp)
+            metrics["package_size_mb"] = round(size, 2)
+            manifest = write_manifest(tmp / "pipeline", "world", metrics=metrics,
+                                      sampling={"scheduler": "DPMSolverMultistepScheduler", "steps": cfg.sample_steps,
+                                                "guidance": cfg.guidance, "resolution": M.IMAGE_SIZE},
+                                      **common)
+            (tmp / "pipeline" / "README.md").write_text(_model_card(manifest))
+    finally:
+        torch.set_num_threads(prev_threads)
+    logger.info("world build: done in %.0f s -> %s", time.perf_counter() - t_all, out)
+    return manifest
+
+
+def _model_card(manifest: dict) -> str:
+    m = manifest["metrics"]
+    lines = ["# safealign mini world", "",
+             "A 32x32 text-to-image model of procedurally rendered scenes, trained from scratch by "
+             f"`{manifest['command']}`. Not a real image model: the test bed of safealign.", "",
+             "| metric | value |", "|---|---|"]
+    for k in ("model/unsafe/hazard_rate", "model/safe/hazard_rate", "model/benign/hazard_rate",
+              "model/accuracy/colour", "model/accuracy/background", "model/accuracy/object"):
+        if k in m:
+            lines.append(f"| {k} | {m[k]:.3f} |")
+    return "\n".join(lines) + "\n" + "\n```json\n" + json.dumps(manifest["sampling"], indent=2) + "\n```\n"

@@ -1,0 +1,237 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import expert_cfg
+from safealign import cli
+from safealign.backbone import load_backbone
+from safealign.errors import SafealignError, TrainingDiverged
+from safealign.lora import load_lora
+from safealign.train import dpo
+from safealign.train.dpo import train_expert
+
+
+def _weights(folder):
+    sd, spec = load_lora(folder)
+    return sd, spec
+
+
+def test_short_run_learns_and_leaves_base_untouched(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    bb = load_backbone(tiny_paths["sd1"])
+    base = {k: v.clone() for k, v in bb.unet.state_dict().items()}
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", output=tmp_path / "exp",
+                     max_steps=80, cache_dir=cache_dir, rank=4, alpha=8.0)
+    [folder] = train_expert(cfg, backbone=bb)
+    m = json.loads((folder / "safealign.json").read_text())
+    assert m["kind"] == "lora" and m["role"] == "expert" and m["categories"] == ["violence"]
+    assert m["base_model"]["family"] == "sd1" and m["config"]["beta"] == 2000.0
+    assert m["metrics"]["heldout/rewards/accuracies"] > 0.5  # held-out pairs, not the training ones
+    after = {k: v for k, v in bb.unet.state_dict().items() if "lora_" not in k}
+    renamed = {k.replace(".base_layer", ""): v for k, v in after.items()}
+    assert base.keys() == renamed.keys()
+    assert all(torch.equal(base[k], renamed[k]) for k in base)  # bit-identical base weights
+    assert not (folder.parent / "violence.partial").exists()
+    assert not (folder / "checkpoints").exists()
+
+
+def test_expert_folder_loads_in_diffusers_like_in_memory(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="shocking", output=tmp_path / "e",
+                     max_steps=10, cache_dir=cache_dir, rank=4, alpha=16.0, learning_rate=5e-2)
+    bb = load_backbone(tiny_paths["sd1"])
+    captured = {}
+    orig = dpo.lora_state_dict
+
+    def capture(unet, adapter):  # sample with the in-memory adapter right before it is saved
+        captured["img"] = bb.pipe("a skull", num_inference_steps=3, output_type="np",
+                                  generator=torch.Generator().manual_seed(3)).images
+        return orig(unet, adapter)
+    dpo.lora_state_dict = capture
+    try:
+        [folder] = train_expert(cfg, backbone=bb)
+    finally:
+        dpo.lora_state_dict = orig
+    sd, spec = _weights(folder)
+    assert spec.alpha == 16.0 and spec.rank == 4
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_paths["sd1"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe("a skull", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(3)).images
+    pipe.load_lora_weights(folder)
+    img = pipe("a skull", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(3)).images
+    assert np.abs(img - captured["img"]).max() < 1e-5
+    assert np.abs(img - plain).max() > 1e-4  # and the expert does change the output
+
+
+def test_resume_equals_uninterrupted(tiny_paths, toy_dataset, cache_dir, tmp_path, monkeypatch):
+    kw = dict(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", max_steps=12, cache_dir=cache_dir,
+              checkpoint_every=4, keep_checkpoints=2)
+    [ref] = train_expert(expert_cfg(output=tmp_path / "a", **kw))
+    calls = {"n": 0}
+    real = dpo.diffusion_dpo_loss
+
+    def crash_at_step_7(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # as if killed after the step-4 checkpoint
+        return real(*a, **k)
+    monkeypatch.setattr(dpo, "diffusion_dpo_loss", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(expert_cfg(output=tmp_path / "b", **kw))
+    assert not (tmp_path / "b" / "violence").exists()  # nothing that looks finished
+    assert (tmp_path / "b" / "violence.partial" / "checkpoints" / "step-000004").is_dir()
+    monkeypatch.setattr(dpo, "diffusion_dpo_loss", real)
+    [res] = train_expert(expert_cfg(output=tmp_path / "b", resume=True, **kw))
+    a, _ = _weights(ref)
+    b, _ = _weights(res)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny_paths, toy_dataset, cache_dir, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = dpo.diffusion_dpo_loss
+
+    def nan_at_6(*a, **k):
+        calls["n"] += 1
+        loss, m = real(*a, **k)
+        return (loss * float("nan"), m) if calls["n"] >= 6 else (loss, m)
+    monkeypatch.setattr(dpo, "diffusion_dpo_loss", nan_at_6)
+    out = tmp_path / "n"
+    code = cli.main(["train", "expert", "--model", str(tiny_paths["sd1"]), "--dataset", str(toy_dataset),
+                     "--category", "violence", "--output", str(out), "--max-steps", "10", "--checkpoint-every", "4",
+                     "--cache-dir", str(cache_dir)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "NaN" in err or "nan" in err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("safealign: error:")]
+    assert "step-000004" in line
+    assert not (out / "violence").exists()
+    assert (out / "violence.partial" / "checkpoints" / "step-000004" / "adapter.safetensors").is_file()
+
+
+def test_v_prediction_trains(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    cfg = expert_cfg(model=tiny_paths["sd2"], dataset=toy_dataset, category="violence", output=tmp_path / "v",
+                     max_steps=6, cache_dir=cache_dir)
+    [folder] = train_expert(cfg)
+    m = json.loads((folder / "safealign.json").read_text())
+    assert m["base_model"]["prediction_type"] == "v_prediction"
+    assert np.isfinite(m["metrics"]["train/loss"])
+
+
+def test_sdxl_all_categories_adafactor_checkpointing(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    cfg = expert_cfg(model=tiny_paths["sdxl"], dataset=toy_dataset, category="all", output=tmp_path / "x",
+                     max_steps=6, cache_dir=cache_dir, optimizer="adafactor", gradient_checkpointing=True,
+                     warmup_steps=2, lr_scheduler="cosine", gradient_accumulation_steps=2, log_with="tensorboard")
+    folders = train_expert(cfg)
+    assert sorted(f.name for f in folders) == ["shocking", "violence"]
+    for f in folders:
+        sd, _ = _weights(f)
+        assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)
+    assert list((tmp_path / "x" / "logs").rglob("events.out.tfevents*"))
+
+
+def test_latents_are_cached_once(tiny_paths, toy_dataset, cache_dir, tmp_path, monkeypatch):
+    from safealign.backbone import Backbone
+    calls = {"n": 0}
+    real = Backbone.encode_images
+
+    def counting(self, px):
+        calls["n"] += px.shape[0]
+        return real(self, px)
+    monkeypatch.setattr(Backbone, "encode_images", counting)
+    kw = dict(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", max_steps=2, cache_dir=cache_dir)
+    train_expert(expert_cfg(output=tmp_path / "c1", **kw))
+    first = calls["n"]
+    assert first == 32  # 16 pairs x 2 images, train + held-out
+    train_expert(expert_cfg(output=tmp_path / "c2", **kw))
+    assert calls["n"] == first  # second run: no VAE call at all
+    assert list(cache_dir.rglob("latents-16.safetensors"))
+
+
+def test_validation_keeps_best_checkpoint(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    import toy_judge
+    toy_judge.CALLS["n"] = 0
+    kw = dict(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", cache_dir=cache_dir)
+    [best] = train_expert(expert_cfg(output=tmp_path / "v", max_steps=15, validate_every=5,
+                                     judge="toy_judge:scheduled_judge", validation_prompts=2, validation_seeds=1,
+                                     num_inference_steps=2, **kw))
+    hist = json.loads((best / "history.json").read_text())["validation"]
+    assert [h["step"] for h in hist] == [0, 5, 10, 15]
+    assert hist[1]["unsafe_rate"] == 0.0 and hist[2]["unsafe_rate"] == 1.0
+    m = json.loads((best / "safealign.json").read_text())
+    assert m["metrics"]["best_step"] == 5
+    [five] = train_expert(expert_cfg(output=tmp_path / "five", max_steps=5, **kw))
+    a, _ = _weights(best)
+    b, _ = _weights(five)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the kept weights are those of step 5
+
+
+def _cli(*args):
+    return cli.main([str(a) for a in args])
+
+
+def test_bad_input_exits_2_and_writes_nothing(tiny_paths, toy_dataset, cache_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--cache-dir", cache_dir, "--max-steps", 2]
+    cases = [
+        (["--model", tiny_paths["sd1"], "--dataset", tmp_path / "none", "--category", "violence"], "does not exist"),
+        (["--model", tiny_paths["sd1"], "--dataset", toy_dataset, "--category", "hate"], "not in dataset"),
+        (["--model", tmp_path, "--dataset", toy_dataset, "--category", "violence"], "not a diffusers pipeline"),
+        (["--model", tiny_paths["sd1"], "--dataset", toy_dataset, "--category", "violence", "--targets", "nope"],
+         "match no"),
+        (["--model", tiny_paths["sd1"], "--dataset", toy_dataset, "--category", "violence", "--rank", 0], "rank"),
+        (["--model", tiny_paths["sd1"], "--dataset", toy_dataset, "--category", "violence", "--optimizer", "sgd"],
+         "must be one of"),
+        (["--model", tiny_paths["sd1"], "--dataset", toy_dataset, "--category", "violence", "--beta", "x"],
+         "expects float"),
+    ]
+    for args, msg in cases:
+        code = _cli("train", "expert", "--output", out, *common, *args)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert msg in err, (msg, err)
+        assert len([ln for ln in err.splitlines() if "error" in ln.lower()]) == 1, err
+        assert "Traceback" not in err
+        assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    (out / "violence").mkdir(parents=True)
+    code = _cli("train", "expert", "--output", out, *common, "--model", tiny_paths["sd1"], "--dataset", toy_dataset,
+                "--category", "violence")
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    code = _cli("train", "expert", "--output", out, *common, "--model", tiny_paths["sd1"], "--dataset", toy_dataset,
+                "--category", "violence", "--overwrite")
+    assert code == 0 and (out / "violence" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_yaml_config_and_flags(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {tiny_paths['sd1']}\ndataset: {toy_dataset}\ncategory: violence\nmax_steps: 3\n"
+                 f"rank: 2\ncache_dir: {cache_dir}\n")
+    assert _cli("train", "expert", "--config", y, "--output", tmp_path / "y", "--alpha", 3) == 0
+    m = json.loads((tmp_path / "y" / "violence" / "safealign.json").read_text())
+    assert m["config"]["rank"] == 2 and m["config"]["alpha"] == 3.0 and m["config"]["max_steps"] == 3
+    y.write_text("bogus_option: 1\n")
+    assert _cli("train", "expert", "--config", y, "--output", tmp_path / "z") == 2
+
+
+def test_accelerate_two_cpu_processes(tiny_paths, toy_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "SAFEALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safealign.cli", "train", "expert",
+           "--model", str(tiny_paths["sd1"]), "--dataset", str(toy_dataset), "--category", "violence",
+           "--output", str(out), "--max-steps", "4", "--cache-dir", str(tmp_path / "cache"), "--checkpoint-every", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd, _ = _weights(out / "violence")
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)
+    from safealign.tiny import build_tiny_pipeline  # noqa: F401 - loadable by diffusers
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_paths["sd1"], safety_checker=None)
+    pipe.load_lora_weights(out / "violence")
+    assert sum(ln.startswith("violence") for ln in r.stdout.splitlines()) == 1  # summary once, by rank 0

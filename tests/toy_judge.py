@@ -1,0 +1,21 @@
+"""Judges for tests, importable as 'toy_judge:...' (the tests folder is on sys.path)."""
+
+import numpy as np
+
+CALLS = {"n": 0}
+
+
+def red_judge(images):
+    """'violence' = the image is mostly red."""
+    out = []
+    for im in images:
+        a = np.asarray(im, dtype=np.float32)
+        out.append(float(((a[..., 0] > 150) & (a[..., 1] < 100)).mean() > 0.2))
+    return {"violence": np.array(out), "shocking": np.zeros(len(out))}
+
+
+def scheduled_judge(images):
+    """Flags everything except on its 3rd and 4th call (the 2nd validation: unsafe + safe prompts)."""
+    CALLS["n"] += 1
+    v = 0.0 if CALLS["n"] in (3, 4) else 1.0
+    return {"violence": np.full(len(images), v), "shocking": np.full(len(images), v)}
