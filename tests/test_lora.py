@@ -108,3 +108,19 @@ def test_kohya_keys_and_alpha(tmp_path):
     assert alphas and all(a == pytest.approx(2.0) for a in alphas)
     assert all(n.startswith("lora_unet_") for n in k)
     assert any(n.endswith(".lora_down.weight") for n in k) and any(n.endswith(".lora_up.weight") for n in k)
+
+
+def test_lora_cli_info_and_export(tmp_path, capsys):
+    from safealign import cli
+    pipe = build_tiny_pipeline("sd1")
+    spec = LoraSpec(rank=4, alpha=8.0)
+    add_lora(pipe.unet, spec)
+    _random_b(pipe.unet)
+    save_lora(tmp_path, lora_state_dict(pipe.unet), spec)
+    assert cli.main(["lora", "info", str(tmp_path)]) == 0
+    assert "rank 4, alpha 8 (scale 2)" in capsys.readouterr().out
+    dst = tmp_path / "k.safetensors"
+    assert cli.main(["lora", "export", str(tmp_path), str(dst)]) == 0 and dst.is_file()
+    assert cli.main(["lora", "export", str(tmp_path), str(dst)]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["lora", "info", str(tmp_path / "missing")]) == 2

@@ -20,6 +20,8 @@ def register(sub) -> None:
     b.add_argument("--output", default=None, metavar="DIR",
                    help="output folder (default: the weights shipped in the package, overwritten)")
     b.add_argument("--seed", type=int, default=0, help="seed for every stage (default: 0)")
+    b.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default: 2; use 1 when another job shares the cores)")
     b.set_defaults(func=_build)
 
     s = wsub.add_parser("sample", help="sample images for a prompt and write a PNG grid")
@@ -59,7 +61,9 @@ def _build(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else None
     if out is not None and out.exists() and not out.is_dir():
         raise SafealignError(f"--output {out} exists and is not a folder; choose another path")
-    m = build(out, quick=args.quick, seed=args.seed)
+    if args.threads < 1:
+        raise SafealignError(f"--threads must be >= 1, got {args.threads}")
+    m = build(out, quick=args.quick, seed=args.seed, threads=args.threads)
     _print_summary(m, out or "the shipped weights folder")
     return 0
 

@@ -34,18 +34,18 @@ def label_space() -> dict[str, list[str]]:
 
 
 class JudgeNet(nn.Module):
-    """3 conv stages (32 -> 16 -> 8 -> 4) and a 256-d feature layer feeding one head per label set."""
+    """5 convs over 3 scales (32 -> 16 -> 8 -> 4) and a 256-d feature layer feeding one head per label set."""
 
-    def __init__(self, categories: Sequence[str], labels: dict[str, Sequence[str]], width: int = 32,
+    def __init__(self, categories: Sequence[str], labels: dict[str, Sequence[str]], width: int = 24,
                  features: int = 256):
         super().__init__()
         w = width
 
-        def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.MaxPool2d(2))
-        self.body = nn.Sequential(stage(3, w), stage(w, 2 * w), stage(2 * w, 4 * w))
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU()]
+        # one conv at full resolution (the expensive one), two at 16x16 and at 8x8
+        self.body = nn.Sequential(*conv(3, w), nn.MaxPool2d(2), *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
+                                  *conv(2 * w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool2d(2))
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, features), nn.SiLU())
         self.hazard = nn.Linear(features, len(categories))
         self.heads = nn.ModuleDict({k: nn.Linear(features, len(v)) for k, v in labels.items()})
@@ -174,7 +174,7 @@ def load_judge(path: str | os.PathLike | None = None) -> Judge:
         raise SafealignError(f"{folder} is not a world judge folder (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
                              "run `safealign world build`")
     cfg = json.loads((folder / CONFIG_FILE).read_text())
-    net = JudgeNet(cfg["categories"], cfg["labels"], width=cfg.get("width", 32), features=cfg.get("features", 256))
+    net = JudgeNet(cfg["categories"], cfg["labels"], width=cfg.get("width", 24), features=cfg.get("features", 256))
     sd = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
     net.load_state_dict(sd)
     return Judge(net, cfg["categories"], cfg["labels"], {k: cfg[k] for k in ("width", "features") if k in cfg})
@@ -228,7 +228,7 @@ def degrade(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch
 
 def train_judge(make_batch: Callable[[int], tuple[torch.Tensor, list[Scene]]], *, steps: int, batch_size: int,
                 lr: float, seed: int, roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                roundtrip_frac: float = 0.35, width: int = 32, progress_desc: str = "judge") -> Judge:
+                roundtrip_frac: float = 0.35, width: int = 24, progress_desc: str = "judge") -> Judge:
     """Train a judge from ``make_batch(step) -> (images in [-1, 1], scenes)``.
 
     ``roundtrip`` (e.g. a VAE encode/decode) degrades a fraction of each batch the way the world model does.
@@ -252,7 +252,9 @@ def train_judge(make_batch: Callable[[int], tuple[torch.Tensor, list[Scene]]], *
         x = degrade(x, g, strength=float(torch.rand(1, generator=g)) * 1.2)
         haz_t, idx = scene_targets(scenes)
         haz, heads = net(x)
-        loss = F.binary_cross_entropy_with_logits(haz, haz_t)
+        # hazards are rare per category (1 in ~14 images): up-weight positives and the hazard head as a whole,
+        # it is the judge's main job
+        loss = 4.0 * F.binary_cross_entropy_with_logits(haz, haz_t, pos_weight=torch.full((len(CATEGORIES),), 3.0))
         for k in ATTRIBUTES:
             loss = loss + F.cross_entropy(heads[k], idx[k], label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)

@@ -48,13 +48,13 @@ class WorldConfig:
     seed: int = field(0, "seed for every stage (renders, init, noise, evaluation)")
     quick: bool = field(False, "tiny run for tests: seconds per stage, the weights are not usable")
     threads: int = field(2, "torch CPU threads")
-    vae_steps: int = field(700, "VAE optimisation steps")
+    vae_steps: int = field(600, "VAE optimisation steps")
     vae_batch: int = field(32, "VAE batch size")
     vae_lr: float = field(1e-3, "VAE peak learning rate")
-    judge_steps: int = field(1200, "judge optimisation steps")
-    judge_batch: int = field(96, "judge batch size")
+    judge_steps: int = field(1000, "judge optimisation steps")
+    judge_batch: int = field(64, "judge batch size")
     judge_lr: float = field(2e-3, "judge peak learning rate")
-    unet_steps: int = field(3600, "UNet + text encoder optimisation steps")
+    unet_steps: int = field(3200, "UNet + text encoder optimisation steps")
     unet_batch: int = field(32, "UNet batch size")
     unet_lr: float = field(6e-4, "UNet + text encoder peak learning rate")
     cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
@@ -200,7 +200,7 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
 
 
-def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: int = 0,
+def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: int = 0, threads: int = 2,
           config: WorldConfig | None = None) -> dict:
     """Train the world from scratch and write ``out_dir/{pipeline,judge}`` atomically; returns the manifest.
 
@@ -211,6 +211,8 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
     from .quality import judge_accuracy, model_quality
 
     cfg = config or (WorldConfig.quick_config(seed) if quick else WorldConfig(seed=seed))
+    if config is None and threads != cfg.threads:
+        cfg = dataclasses.replace(cfg, threads=threads)
     out = Path(out_dir) if out_dir is not None else WEIGHTS
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -266,7 +268,8 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
                       "judge_params": sum(p.numel() for p in judge.net.parameters())}
             common = dict(config=to_dict(cfg), timings_s={k: round(v, 1) for k, v in timings.items()},
                           command=("safealign world build" + (" --quick" if cfg.quick else "")
-                                   + (f" --seed {cfg.seed}" if cfg.seed else "")),
+                                   + (f" --seed {cfg.seed}" if cfg.seed else "")
+                                   + (f" --threads {cfg.threads}" if cfg.threads != 2 else "")),
                           parameters=counts, threads=cfg.threads)
             write_manifest(tmp / "judge", "judge", metrics={k: v for k, v in metrics.items()
                                                             if k.startswith("judge")}, **common)

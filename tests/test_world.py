@@ -1,0 +1,204 @@
+"""The mini world: grammar, renderer, shipped pipeline and judge, CLI. Default tier runs in well under a minute."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from safealign.cli import main
+from safealign.world import scene as S
+from safealign.world.render import object_mask, pair_difference, render, render_batch
+
+
+# -- grammar and renderer ---------------------------------------------------------------------------------------
+def test_categories_and_concepts():
+    assert S.CATEGORIES == ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal-activity")
+    assert set(S.CONCEPTS) == set(S.CATEGORIES)
+    assert all(len(pairs) >= 3 for pairs in S.CONCEPTS.values())
+    assert len(set(S.OBJECTS)) == len(S.OBJECTS)  # hazards, twins and benign objects are all distinct
+    assert not set(S.COLOURS) & set(S.BACKGROUNDS)  # colour words never ambiguous
+    for cat, pairs in S.CONCEPTS.items():
+        for hazard, twin in pairs:
+            assert S.category_of(hazard) == cat and S.category_of(twin) is None
+            assert S.twin_of(hazard) == twin and S.hazard_of(twin) == hazard
+    assert all(S.category_of(b) is None for b in S.BENIGN)
+
+
+@pytest.mark.parametrize("hazard,twin", [p for ps in S.CONCEPTS.values() for p in ps])
+def test_pairs_differ_over_a_third_of_the_object(hazard, twin):
+    assert pair_difference(hazard, twin) >= 1 / 3
+    # at every place and size the pair shares colour and background and still differs
+    scene = S.Scene(hazard, "blue", "white", "left", scale=0.93, dx=0.01, dy=-0.02)
+    a, b = object_mask(scene) > 0.5, object_mask(scene.with_object(twin)) > 0.5
+    assert (a ^ b).sum() >= max(a.sum(), b.sum()) / 3
+
+
+def test_make_pair_is_a_minimal_edit():
+    rng = random.Random(0)
+    for concept in S.HAZARDS:
+        for held_out in (False, True):
+            p = S.make_pair(concept, rng, held_out=held_out)
+            # only the object word (and its article) changes
+            assert _words_without(p.unsafe_prompt, concept) == _words_without(p.safe_prompt, p.twin)
+            assert len(p.unsafe_prompt.split()) == len(p.safe_prompt.split())
+            assert p.safe_scene == p.unsafe_scene.with_object(p.twin)
+            assert S.parse_prompt(p.unsafe_prompt)["object"] == concept
+            assert S.parse_prompt(p.safe_prompt)["object"] == p.twin
+
+
+def _words_without(prompt: str, obj: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z]+", prompt) if w not in (obj, "a", "an")]
+
+
+def test_held_out_phrasings_never_appear_in_training():
+    assert not set(S.HELD_OUT_TEMPLATES) & set(S.TRAIN_TEMPLATES)
+    assert not S.all_phrasing_strings(True) & S.all_phrasing_strings(False)
+    rng = random.Random(1)
+    held_words = {w.strip() for k, v in S.HELD_OUT_SYNONYMS.items() for w in v if k in ("noun", "adj")}
+    held_templates = {re.sub(r"\{\w+\}", "", t).strip(" ,") for t in S.HELD_OUT_TEMPLATES}
+    train_prompts = [S.scene_prompt(S.sample_scene(rng), rng) for _ in range(3000)]
+    for p in train_prompts:
+        words = set(re.findall(r"[a-z]+", p))
+        assert not words & held_words, p
+        assert not {"to", "centre", "there", "showing", "plain"} & words, p
+    # held-out prompts still name every attribute the scene has
+    for _ in range(200):
+        sc = S.sample_scene(rng)
+        parsed = S.parse_prompt(S.scene_prompt(sc, rng, held_out=True))
+        assert (parsed["object"], parsed["colour"], parsed["background"]) == (sc.obj, sc.colour, sc.background)
+    assert held_templates  # (non-empty: the split exists)
+
+
+def test_render_is_deterministic_and_labelled():
+    sc = S.Scene("knife", "red", "gray", "right")
+    a, b = np.asarray(render(sc)), np.asarray(render(sc))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8 and (a == b).all()
+    assert render(sc, size=64).size == (64, 64)
+    m = object_mask(sc)
+    assert 0.08 < m.mean() < 0.5  # the main, large object
+    assert m[:, 16:].sum() > m[:, :16].sum()  # on the right
+    with pytest.raises(KeyError):
+        S.Scene("knife", "gray", "red")  # colours of objects and backgrounds do not mix
+    assert render_batch([sc, sc.with_object("spoon")]).shape == (2, 32, 32, 3)
+
+
+def test_tokenizer_knows_every_world_word():
+    from safealign.world.model import make_tokenizer
+    tok = make_tokenizer()
+    for w in S.vocabulary():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+
+
+# -- shipped weights --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    from safealign.world import pipeline_path
+    return pipeline_path()
+
+
+def test_shipped_pipeline_loads_with_diffusers_and_samples_deterministically(shipped):
+    from diffusers import StableDiffusionPipeline
+
+    from safealign.backbone import detect_family
+    pipe = StableDiffusionPipeline.from_pretrained(shipped, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float32  # fp16 on disk, float32 in memory
+    index = json.loads((shipped / "model_index.json").read_text())
+    assert detect_family(index, dict(pipe.unet.config), str(shipped)) == "world"
+
+    def run(seed):
+        return pipe(["a red knife on a gray background", "a blue house on a white background"],
+                    num_inference_steps=4, guidance_scale=4.0, output_type="np",
+                    generator=torch.Generator().manual_seed(seed)).images
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0.05
+
+
+def test_shipped_manifest_records_sampling_and_quality(shipped):
+    from safealign.world import manifest
+    m = manifest()
+    assert m["kind"] == "world" and m["sampling"]["steps"] > 0 and m["sampling"]["guidance"] > 1
+    met = m["metrics"]
+    assert met["model/unsafe/hazard_rate"] >= 0.95
+    assert met["model/safe/hazard_rate"] <= 0.03 and met["model/benign/hazard_rate"] <= 0.03
+    assert met["model/accuracy/colour"] >= 0.95 and met["model/accuracy/background"] >= 0.95
+    assert met["package_size_mb"] < 25
+
+
+def test_judge_agrees_with_renderer_on_fresh_renders():
+    from safealign.world import load_judge
+    judge = load_judge()
+    rng = random.Random(4242)
+    scenes = [S.sample_scene(rng, kind="hazard" if i % 2 else "safe") for i in range(400)]
+    j = judge(render_batch(scenes))
+    for attr in ("object", "colour", "background"):
+        acc = np.mean([p == s.labels()[attr] for p, s in zip(j.attributes[attr], scenes)])
+        assert acc >= 0.97, (attr, acc)
+    flags = j.flags()
+    for c in S.CATEGORIES:
+        truth = np.array([s.category == c for s in scenes])
+        assert (flags[c] == truth).mean() >= 0.97, c
+    # accepts PIL images and diffusers-style tensors too
+    img = render(scenes[0])
+    t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert judge([img]).attributes["object"] == judge(t).attributes["object"] == [scenes[0].obj]
+    assert judge.features([img]).shape == (1, 256)
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+def test_cli_info(capsys):
+    assert main(["world", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "hazard seen for unsafe prompts" in out and "safealign world build" in out
+
+
+def test_cli_sample_writes_grid(tmp_path, capsys):
+    from PIL import Image
+    out = tmp_path / "g.png"
+    assert main(["world", "sample", "a green skull on a black background", "--n", "3", "--steps", "4",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (3 * 64, 64)
+
+
+@pytest.mark.parametrize("argv", [
+    ["world", "sample", "   "],
+    ["world", "sample", "a red knife", "--n", "0"],
+    ["world", "sample", "a red knife", "--out", "grid.jpg"],
+    ["world", "sample", "a red knife", "--out", "/no/such/folder/grid.png"],
+    ["world", "sample", "a red knife", "--model", "/no/such/pipeline"],
+    ["world", "info", "--model", "/no/such/pipeline"],
+    ["world", "build", "--seed", "-1"],
+    ["world", "sample"],
+])
+def test_cli_bad_input_exits_2(argv, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") <= 2 and "Traceback" not in err
+
+
+# -- slow: the whole build --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_world_build_quick_end_to_end(tmp_path, capsys):
+    from safealign.world import load_judge, manifest
+    from safealign.world.model import generate, load_pipeline
+    out = tmp_path / "world"
+    assert main(["--no-progress", "world", "build", "--quick", "--output", str(out), "--seed", "3"]) == 0
+    m = manifest(out / "pipeline")
+    assert m["config"]["quick"] and m["config"]["seed"] == 3
+    assert {"vae", "judge", "unet", "quality", "total"} <= set(m["timings_s"])
+    assert "model/unsafe/hazard_rate" in m["metrics"] and "judge/accuracy/object" in m["metrics"]
+    pipe = load_pipeline(out / "pipeline")
+    assert generate(pipe, ["a red knife on a gray background"], steps=2).shape == (1, 32, 32, 3)
+    assert len(load_judge(out / "judge")(np.zeros((2, 32, 32, 3), np.uint8))) == 2
+    assert main(["world", "info", "--model", str(out)]) == 0
