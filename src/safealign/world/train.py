@@ -196,6 +196,20 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
 
 
 # -- the whole build --------------------------------------------------------------------------------------------
+def load_as_float32(pipeline_dir: str | os.PathLike) -> None:
+    """Weights stay fp16 on disk, but a plain ``from_pretrained`` should give float32 models (CPU inference).
+
+    diffusers casts to float32 by default; transformers 5 keeps the dtype the config records, so the text
+    encoder's config is told float32 (otherwise it loads fp16 and feeds fp16 states to a float32 UNet).
+    """
+    cfg_path = Path(pipeline_dir) / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
 
@@ -260,6 +274,7 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
             # save: fp16 weights, standard pipeline folder, judge folder
             pipe.to(torch.float16)
             pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+            load_as_float32(tmp / "pipeline")
             judge.save(tmp / "judge")
             timings["total"] = time.perf_counter() - t_all
             counts = {"unet_params": sum(p.numel() for p in unet.parameters()),
