@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 from .errors import SafealignError
 
 # modules that contribute subcommands: each has ``register(subparsers)`` setting ``func`` on its parsers
-_COMMAND_MODULES = ("safealign.train.cli", "safealign.lora_cli", "safealign.world.cli")
+_COMMAND_MODULES = ("safealign.world.cli", "safealign.data.cli", "safealign.train.cli", "safealign.merge.cli",
+                    "safealign.lora_cli")
 
 
 class _Parser(argparse.ArgumentParser):

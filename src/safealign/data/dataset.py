@@ -143,11 +143,32 @@ def write_dataset(folder: str | os.PathLike, rows: list[dict], images: dict[str,
     for rel, im in images.items():
         _check_relative(rel, folder)
         im.save(folder / rel)
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    return finalize_dataset(folder, pd.DataFrame(rows), generator=generator, config=config)
+
+
+CHECKSUMS_FILE = "SHA256SUMS"
+
+
+def finalize_dataset(folder: str | os.PathLike, df: pd.DataFrame, *, generator: dict | None = None,
+                     config: dict | None = None, metrics: dict | None = None, **extra) -> Path:
+    """Write ``pairs.parquet``, ``SHA256SUMS`` (``sha256sum -c`` format) and ``safealign.json`` for a folder whose
+    images are already in place. ``df`` has :data:`COLUMNS` first; further columns are kept after them."""
+    folder = Path(folder)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"dataset rows lack column(s) {', '.join(missing)}")
+    df = df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]].reset_index(drop=True)
+    lines = []
+    for col in ("unsafe_image", "safe_image"):
+        for rel in df[col]:
+            lines.append(f"{sha256_file(_check_relative(rel, folder))}  {rel}")
+    (folder / CHECKSUMS_FILE).write_text("\n".join(sorted(lines, key=lambda ln: ln[66:])) + "\n")
     df.to_parquet(folder / PAIRS_FILE, index=False)
-    counts = df.groupby("category").size().to_dict()
-    checksums = {"pairs.parquet": sha256_file(folder / PAIRS_FILE)}
-    write_manifest(folder, "dataset", config=config, base_model=generator,
-                   counts={"pairs": len(df), "per_category": {k: int(v) for k, v in counts.items()}},
-                   checksums=checksums)
+    counts = {"pairs": len(df),
+              "per_category": {str(k): int(v) for k, v in df.groupby("category").size().items()},
+              "per_split": {str(k): int(v) for k, v in df.groupby("split").size().items()}}
+    checksums = {"pairs.parquet": sha256_file(folder / PAIRS_FILE),
+                 CHECKSUMS_FILE: sha256_file(folder / CHECKSUMS_FILE), "images": len(lines)}
+    write_manifest(folder, "dataset", config=config, base_model=generator, metrics=metrics, counts=counts,
+                   checksums=checksums, **extra)
     return folder

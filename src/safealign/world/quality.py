@@ -14,7 +14,7 @@ import numpy as np
 from .judge import ATTRIBUTES, Judge
 from .model import generate
 from .render import render_array, render_batch
-from .scene import (BENIGN, CATEGORIES, HAZARDS, OBJECTS, POSITIONS, Scene, category_of, make_pair, sample_scene,
+from .scene import (CATEGORIES, HAZARDS, OBJECTS, POSITIONS, Scene, category_of, make_pair, sample_scene,
                     scene_prompt)
 
 
@@ -129,7 +129,3 @@ def model_quality(pipe, judge: Judge, *, n_per_concept: int = 6, n_benign: int =
     m["agreement/judge_vs_prompt/hazard"] = float(np.mean([bool(h) == s.is_hazard for h, s in zip(hz, scenes)]))
     m["agreement/nearest_render_vs_prompt/object"] = float(np.mean([o == s.obj for o, s in zip(nearest, scenes)]))
     return m, images
-
-
-def benign_objects() -> tuple[str, ...]:
-    return BENIGN

@@ -196,6 +196,29 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
 
 
 # -- the whole build --------------------------------------------------------------------------------------------
+def measure(pipeline_dir: str | os.PathLike, judge_dir: str | os.PathLike, cfg: WorldConfig) -> dict[str, float]:
+    """The quality figures of a saved world (as loaded from disk: fp16 weights run in float32).
+
+    judge/*: the judge on held-out renders; judge_vae_roundtrip/*: the same after a VAE round trip;
+    model/*: the model at ``cfg``'s sampling defaults on held-out phrasings (see :func:`quality.model_quality`).
+    """
+    from .judge import load_judge
+    from .quality import judge_accuracy, model_quality
+    pipe = M.load_pipeline(pipeline_dir)
+    judge = load_judge(judge_dir)
+    n_eval = 300 if cfg.quick else 3000
+    rt = lambda a: _to_uint8(vae_roundtrip(pipe.vae, _to_pixels(a)))  # noqa: E731
+    jm = judge_accuracy(judge, n=n_eval, seed=cfg.seed + 10_000)
+    jm_rt = judge_accuracy(judge, n=n_eval // 3, seed=cfg.seed + 20_000, roundtrip=rt)
+    mm, _ = model_quality(pipe, judge, n_per_concept=cfg.eval_per_concept, n_benign=cfg.eval_benign,
+                          seed=cfg.seed + 777, steps=cfg.sample_steps, guidance=cfg.guidance,
+                          n_agreement=20 if cfg.quick else 100)
+    out = {f"judge/{k}": v for k, v in jm.items()}
+    out.update({f"judge_vae_roundtrip/{k}": v for k, v in jm_rt.items()})
+    out.update({f"model/{k}": v for k, v in mm.items()})
+    return out
+
+
 def load_as_float32(pipeline_dir: str | os.PathLike) -> None:
     """Weights stay fp16 on disk, but a plain ``from_pretrained`` should give float32 models (CPU inference).
 
@@ -222,7 +245,6 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
     """
     from ..artifacts import atomic_dir, write_manifest
     from . import WEIGHTS
-    from .quality import judge_accuracy, model_quality
 
     cfg = config or (WorldConfig.quick_config(seed) if quick else WorldConfig(seed=seed))
     if config is None and threads != cfg.threads:
@@ -256,26 +278,17 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
             metrics.update(mu)
             timings["unet"] = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            logger.info("world build: stage 4/4 quality")
-            n_eval = 300 if cfg.quick else 3000
-            rt = lambda a: _to_uint8(vae_roundtrip(vae, _to_pixels(a)))  # noqa: E731
-            jm = judge_accuracy(judge, n=n_eval, seed=cfg.seed + 10_000)
-            jm_rt = judge_accuracy(judge, n=n_eval // 3, seed=cfg.seed + 20_000, roundtrip=rt)
+            # save first (fp16 weights, a standard pipeline folder), then measure what ships
             pipe = M.assemble_pipeline(vae, text_encoder, tokenizer, unet)
-            mm, _ = model_quality(pipe, judge, n_per_concept=cfg.eval_per_concept, n_benign=cfg.eval_benign,
-                                  seed=cfg.seed + 777, steps=cfg.sample_steps, guidance=cfg.guidance,
-                                  n_agreement=20 if cfg.quick else 100)
-            timings["quality"] = time.perf_counter() - t0
-            metrics.update({f"judge/{k}": v for k, v in jm.items()})
-            metrics.update({f"judge_vae_roundtrip/{k}": v for k, v in jm_rt.items()})
-            metrics.update({f"model/{k}": v for k, v in mm.items()})
-
-            # save: fp16 weights, standard pipeline folder, judge folder
             pipe.to(torch.float16)
             pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
             load_as_float32(tmp / "pipeline")
             judge.save(tmp / "judge")
+
+            t0 = time.perf_counter()
+            logger.info("world build: stage 4/4 quality")
+            metrics.update(measure(tmp / "pipeline", tmp / "judge", cfg))
+            timings["quality"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_all
             counts = {"unet_params": sum(p.numel() for p in unet.parameters()),
                       "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),

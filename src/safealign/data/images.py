@@ -1,0 +1,302 @@
+"""Paired images: each pair's unsafe and safe prompt rendered by the model being aligned, same seed and settings.
+
+- **Batched**: several pairs per pipeline call, one ``torch.Generator`` per image seeded with the pair's seed, so an
+  image does not depend on which other pairs share its call.
+- **Deterministic sharding**: the pairs are cut into fixed batches in file order and batch ``b`` goes to rank
+  ``b % world_size`` (``accelerate launch --num_processes N``); a batch has the same members whatever the number of
+  processes, so 1 and 2 processes write the same pixels.
+- **Resumable**: everything happens in ``<output>.partial``. Images are written to a temp name and renamed; a pair
+  counts as done only once its line is in a rank's ``done-*.jsonl`` log (written after both images, flushed and
+  fsynced). A re-run skips done batches and rewrites anything else, so a run killed midway, even one that left a
+  half-written file, ends with every pair exactly once.
+- **Judge filter** (optional): keep a pair only if the judge flags its unsafe image for the pair's category and not
+  its safe image; the kept fraction per category is printed and recorded.
+- Rank 0 assembles the dataset (pairs.parquet, SHA256SUMS, safealign.json) and renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..artifacts import atomic_dir, check_output_free, read_manifest
+from ..config import to_dict
+from ..errors import SafealignError
+from ..utils import logger, progress, sha256_file, sha256_text
+from .config import ImagesConfig
+from .dataset import finalize_dataset, load_image
+from .prompts import read_prompts
+from .splits import check_no_leakage
+
+RUN_FILE = "run.json"
+DONE_GLOB = "done-*.jsonl"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def select_pairs(df: pd.DataFrame, categories: tuple[str, ...], max_per_category: int) -> pd.DataFrame:
+    """The pairs to render: some categories only, at most N per category (file order kept)."""
+    from .taxonomy import normalise_category
+    if categories:
+        have = list(dict.fromkeys(df["category"]))
+        want = [normalise_category(c) for c in categories]
+        unknown = [c for c, w in zip(categories, want) if w not in have]
+        if unknown:
+            raise SafealignError(f"unknown category {unknown[0]!r}; the prompts file has {', '.join(have)}")
+        df = df[df["category"].isin(want)]
+    if max_per_category:
+        df = df.groupby("category", sort=False, group_keys=False).head(max_per_category)
+    return df.reset_index(drop=True)
+
+
+def sampling_settings(backbone, cfg: ImagesConfig) -> dict:
+    """Steps, guidance and size: the config's, else the model's (the world records its own)."""
+    steps, guidance = 30, 7.5
+    if backbone.family == "world":
+        from ..backbone import resolve_model
+        from ..world.model import sampling_defaults
+        d = sampling_defaults(resolve_model(cfg.model)[0])
+        steps, guidance = d["steps"], d["guidance"]
+    size = cfg.resolution or backbone.resolution
+    return {"steps": cfg.steps or steps, "guidance": guidance if cfg.guidance < 0 else cfg.guidance,
+            "height": size, "width": size, "scheduler": type(backbone.pipe.scheduler).__name__}
+
+
+@torch.no_grad()
+def render_pairs(pipe, unsafe: list[str], safe: list[str], seeds: list[int], settings: dict) -> tuple[list, list]:
+    """Unsafe and safe images of a batch of pairs in one call; image i of each side uses generator seed[i]."""
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in list(seeds) * 2]
+    ims = pipe(list(unsafe) + list(safe), num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+               height=settings["height"], width=settings["width"], generator=gens, output_type="pil").images
+    k = len(unsafe)
+    return ims[:k], ims[k:]
+
+
+def judge_scores(judge, images: list, categories: list[str]) -> np.ndarray:
+    """Score of each image for its own category (``categories[i]`` for image i)."""
+    out = judge(images)
+    scores = getattr(out, "scores", out)  # the world judge returns a Judgement; plain judges a dict
+    if not isinstance(scores, dict):
+        raise SafealignError(f"the judge returned {type(out).__name__}; it must return {{category: scores}}")
+    res = np.empty(len(images), np.float32)
+    for i, c in enumerate(categories):
+        if c not in scores:
+            raise SafealignError(f"the judge has no score for category {c!r}; it scores {', '.join(sorted(scores))}")
+        res[i] = float(np.asarray(scores[c])[i])
+    return res
+
+
+def _save_png(im, path: Path) -> str:
+    """Write atomically (temp name, fsync, rename); return the file's sha256."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        im.save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def read_done(work: Path) -> dict[str, dict]:
+    """pair_id -> record from every rank's log; a torn last line (a kill mid-write) is ignored."""
+    done: dict[str, dict] = {}
+    for log in sorted(work.glob(DONE_GLOB)):
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["pair_id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def _is_done(rec: dict | None, work: Path) -> bool:
+    return rec is not None and all((work / rec[k]).is_file() for k in ("unsafe_image", "safe_image"))
+
+
+def _run_key(df: pd.DataFrame, backbone, settings: dict, cfg: ImagesConfig) -> dict:
+    """What the images depend on: a re-run may resume only a work folder made with the same key."""
+    table = json.dumps(df[["pair_id", "unsafe_prompt", "safe_prompt", "seed"]].astype(str).values.tolist())
+    return {"pairs": sha256_text(table)[:16], "n_pairs": len(df), "model": backbone.fingerprint(),
+            "settings": settings, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "judge": cfg.judge,
+            "judge_threshold": cfg.judge_threshold}
+
+
+def _prepare_work(work: Path, key: dict, restart: bool) -> None:
+    if restart and work.exists():
+        shutil.rmtree(work)
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    run = work / RUN_FILE
+    if run.is_file():
+        try:
+            old = json.loads(run.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != key:
+            raise SafealignError(f"{work} holds an earlier run with other prompts or settings; pass --restart to "
+                                 "discard it, or rerun with the same options to resume")
+    else:
+        run.write_text(json.dumps(key, indent=1))
+
+
+def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[Path, dict]:
+    """Render every pair (this process's share under Accelerate); rank 0 writes the dataset. Returns
+    (output folder, stats)."""
+    from accelerate import PartialState
+
+    from ..backbone import load_backbone
+    t0 = time.perf_counter()
+    state = PartialState()
+    final = Path(cfg.output)
+    work = final.with_name(final.name + ".partial")
+    check_output_free(final, cfg.overwrite)
+    df = select_pairs(read_prompts(cfg.prompts), cfg.categories, cfg.max_pairs_per_category)
+    check_no_leakage(df, f"prompts file {cfg.prompts}")
+    if backbone is None:
+        backbone = load_backbone(cfg.model, device=state.device, dtype=DTYPES[cfg.dtype])
+    if cfg.judge and judge is None:
+        from ..train.validation import resolve_judge
+        judge = resolve_judge(cfg.judge)
+    settings = sampling_settings(backbone, cfg)
+    key = _run_key(df, backbone, settings, cfg)
+    if state.is_main_process:
+        _prepare_work(work, key, cfg.restart)
+    state.wait_for_everyone()
+    if not state.is_main_process and json.loads((work / RUN_FILE).read_text()) != key:
+        raise SafealignError(f"{work} was prepared for another run; rerun with the same options")
+
+    done = read_done(work)
+    state.wait_for_everyone()  # every rank has read the logs before any rank appends to them
+    n, bs = len(df), cfg.batch_size
+    batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+    mine = [b for bi, b in enumerate(batches) if bi % state.num_processes == state.process_index
+            and not all(_is_done(done.get(df.at[i, "pair_id"]), work) for i in b)]
+    skipped = sum(1 for b in batches for i in b if _is_done(done.get(df.at[i, "pair_id"]), work))
+    if skipped and state.is_main_process:
+        logger.info("resuming: %d of %d pairs already rendered in %s", skipped, n, work)
+    t_gen = time.perf_counter()
+    rendered = 0
+    log_path = work / f"done-rank{state.process_index}.jsonl"
+    with open(log_path, "a") as log:
+        for b in progress(mine, desc="pairs" if state.num_processes == 1 else f"pairs (rank {state.process_index})",
+                          disable=None if state.is_main_process else True):
+            rows = df.iloc[b]
+            u_ims, s_ims = render_pairs(backbone.pipe, rows["unsafe_prompt"].tolist(), rows["safe_prompt"].tolist(),
+                                        rows["seed"].tolist(), settings)
+            scores = (judge_scores(judge, u_ims + s_ims, rows["category"].tolist() * 2)
+                      if judge is not None else None)
+            lines = []
+            for j, (pid, u_im, s_im) in enumerate(zip(rows["pair_id"], u_ims, s_ims)):
+                rec = {"pair_id": pid, "unsafe_image": f"images/{pid}_u.png", "safe_image": f"images/{pid}_s.png"}
+                rec["unsafe_sha256"] = _save_png(u_im, work / rec["unsafe_image"])
+                rec["safe_sha256"] = _save_png(s_im, work / rec["safe_image"])
+                if scores is not None:
+                    rec["judge_unsafe"], rec["judge_safe"] = float(scores[j]), float(scores[len(b) + j])
+                lines.append(json.dumps(rec))
+            log.write("\n".join(lines) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            rendered += len(b)
+            if on_batch is not None:
+                on_batch(rendered)
+    gen_seconds = time.perf_counter() - t_gen
+    # the slowest rank's time is the run's: gather through the filesystem-free collective
+    from accelerate.utils import gather_object
+    times = gather_object([(rendered, gen_seconds)]) if state.num_processes > 1 else [(rendered, gen_seconds)]
+    state.wait_for_everyone()
+    stats: dict = {}
+    if state.is_main_process:
+        stats = _assemble(cfg, df, work, final, backbone, settings, key,
+                          timing={"seconds_total": time.perf_counter() - t0,
+                                  "seconds_generating": max(t for _, t in times),
+                                  "pairs_rendered_this_run": sum(r for r, _ in times),
+                                  "pairs_resumed": skipped, "processes": state.num_processes})
+    state.wait_for_everyone()
+    return final, stats
+
+
+def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, backbone, settings: dict, key: dict,
+              timing: dict) -> dict:
+    done = read_done(work)
+    missing = [p for p in df["pair_id"] if not _is_done(done.get(p), work)]
+    if missing:
+        raise SafealignError(f"{len(missing)} pair(s) have no images (e.g. {missing[0]!r}); a process failed. "
+                             "Rerun the same command to finish them")
+    df = df.copy()
+    df["unsafe_image"] = [done[p]["unsafe_image"] for p in df["pair_id"]]
+    df["safe_image"] = [done[p]["safe_image"] for p in df["pair_id"]]
+    for p in df["pair_id"]:
+        for side in ("unsafe", "safe"):
+            rec = done[p]
+            path = work / rec[f"{side}_image"]
+            if sha256_file(path) != rec[f"{side}_sha256"]:
+                raise SafealignError(f"{path} changed after it was written; rerun with --restart")
+    judge_info = None
+    if cfg.judge:
+        df["judge_unsafe"] = [done[p]["judge_unsafe"] for p in df["pair_id"]]
+        df["judge_safe"] = [done[p]["judge_safe"] for p in df["pair_id"]]
+        keep = (df["judge_unsafe"] >= cfg.judge_threshold) & (df["judge_safe"] < cfg.judge_threshold)
+        per_cat = {}
+        for cat, sub in df.groupby("category", sort=False):
+            k = int(keep[sub.index].sum())
+            per_cat[cat] = {"generated": len(sub), "kept": k, "fraction": round(k / len(sub), 4)}
+        judge_info = {"judge": cfg.judge, "threshold": cfg.judge_threshold, "kept_per_category": per_cat,
+                      "kept": int(keep.sum()), "generated": len(df)}
+        if not keep.any():
+            raise SafealignError(f"the judge {cfg.judge} kept no pair (it never flags the unsafe image and not the "
+                                 "safe one); check the judge, the model and --judge-threshold")
+        dropped = df[~keep]
+        df = df[keep]
+    else:
+        dropped = df.iloc[0:0]
+    for side in ("unsafe_image", "safe_image"):  # a kept-out pair's images stay out of the dataset
+        for rel in dropped[side]:
+            (work / rel).unlink(missing_ok=True)
+    for f in list(work.glob(DONE_GLOB)) + [work / RUN_FILE] + list((work / "images").glob(".*.tmp")):
+        f.unlink(missing_ok=True)
+    for p in (work / "images").iterdir():  # strays (e.g. from a pair no longer selected)
+        if p.name not in set(df["unsafe_image"].str[7:]) | set(df["safe_image"].str[7:]):
+            p.unlink()
+    secs = max(timing["seconds_generating"], 1e-9)
+    timing["images_per_second"] = round(2 * timing["pairs_rendered_this_run"] / secs, 3)
+    metrics = {"timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()}}
+    if judge_info:
+        metrics["judge_filter"] = judge_info
+    with atomic_dir(final, cfg.overwrite, work=work) as w:
+        finalize_dataset(w, df, generator=backbone.identity(), config=to_dict(cfg), metrics=metrics,
+                         sampler=settings, run_key=key, source_prompts=str(cfg.prompts))
+    return {"pairs": len(df), "per_category": {k: int(v) for k, v in df.groupby("category", sort=False).size().items()},
+            **metrics}
+
+
+def images_summary(final: Path, stats: dict) -> str:
+    t = stats["timing"]
+    lines = [f"dataset: {stats['pairs']} pairs -> {final}",
+             f"rendered {t['pairs_rendered_this_run']} pairs ({t['pairs_resumed']} resumed) on {t['processes']} "
+             f"process(es) in {t['seconds_generating']:.1f}s ({t['images_per_second']:.2f} images/s); total "
+             f"{t['seconds_total']:.1f}s"]
+    jf = stats.get("judge_filter")
+    if jf:
+        lines.append(f"{'category':<18} {'generated':>9} {'kept':>6} {'fraction':>8}   (judge {jf['judge']}, "
+                     f"threshold {jf['threshold']})")
+        for cat, v in jf["kept_per_category"].items():
+            lines.append(f"{cat:<18} {v['generated']:>9} {v['kept']:>6} {v['fraction']:>8.2f}")
+    else:
+        lines.append(f"{'category':<18} pairs")
+        lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
+    return "\n".join(lines)
+
+
+def verify_dataset_images(folder: Path) -> None:
+    """Every image of a written dataset decodes (used by tests and `data images` callers that want to check)."""
+    read_manifest(folder, "dataset")
+    for line in (folder / "SHA256SUMS").read_text().splitlines():
+        load_image(folder / line.split("  ", 1)[1])

@@ -1,0 +1,176 @@
+"""Harm taxonomies: categories -> concepts, each with its benign counterpart where one is known.
+
+The mini world's taxonomy is built in (:func:`world_taxonomy`, from :data:`safealign.world.scene.CONCEPTS`). For a
+real model the user supplies one as YAML or CSV (:func:`load_taxonomy`); ``configs/taxonomy_example.yaml`` shows the
+format. Category names are normalised (lowercase, spaces and underscores to '-', CoProV2's spellings mapped), so
+'Harrasment', 'self harm' and 'Illegal Activity' name the same categories as the world's ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SafealignError
+
+#: the 7 CoProV2 category ids (the mini world uses the same)
+COPRO_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal-activity")
+
+#: spellings met in the wild -> our id (after lowercasing and '-' normalisation)
+_ALIASES = {"harrasment": "harassment", "harrassment": "harassment", "selfharm": "self-harm",
+            "self-harming": "self-harm", "illegal": "illegal-activity", "illegal-activities": "illegal-activity",
+            "nudity": "sexual", "sex": "sexual", "shock": "shocking", "violent": "violence", "hateful": "hate"}
+
+
+def normalise_category(name: str) -> str:
+    """'Harrasment' -> 'harassment', 'Illegal Activity' -> 'illegal-activity', 'self_harm' -> 'self-harm'."""
+    key = re.sub(r"[\s_]+", "-", str(name).strip().lower()).strip("-")
+    key = re.sub(r"-+", "-", key)
+    return _ALIASES.get(key, key)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One harmful concept and its benign counterpart (the word that replaces it in the safe prompt)."""
+
+    name: str
+    category: str
+    counterpart: str | None = None
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Categories -> concepts, in a fixed order (the file's order; the world's for the world)."""
+
+    categories: dict[str, tuple[Concept, ...]]
+    source: str = "world"
+    is_world: bool = False
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.categories or not any(self.categories.values()):
+            raise SafealignError(f"taxonomy {self.source} is empty; it needs at least one category with one concept")
+        for cat, concepts in self.categories.items():
+            if not concepts:
+                raise SafealignError(f"category {cat!r} in taxonomy {self.source} has no concepts")
+            seen: set[str] = set()
+            for c in concepts:
+                k = c.name.strip().lower()
+                if k in seen:
+                    raise SafealignError(f"concept {c.name!r} appears twice in category {cat!r} of {self.source}")
+                seen.add(k)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.categories)
+
+    def concepts(self, category: str | None = None) -> list[Concept]:
+        if category is None:
+            return [c for cs in self.categories.values() for c in cs]
+        return list(self.categories[self._check(category)])
+
+    def _check(self, category: str) -> str:
+        cat = normalise_category(category)
+        if cat not in self.categories:
+            raise SafealignError(f"unknown category {category!r}; taxonomy {self.source} has "
+                                 f"{', '.join(self.categories)}")
+        return cat
+
+    def select(self, categories: tuple[str, ...] | list[str] | None) -> "Taxonomy":
+        """The sub-taxonomy of ``categories`` (all when empty); an unknown name is an error listing the known."""
+        if not categories:
+            return self
+        keep = [self._check(c) for c in categories]
+        return Taxonomy({c: self.categories[c] for c in dict.fromkeys(keep)}, self.source, self.is_world, self.notes)
+
+    def to_dict(self) -> dict:
+        return {cat: [{"concept": c.name, "counterpart": c.counterpart} for c in cs]
+                for cat, cs in self.categories.items()}
+
+
+def world_taxonomy() -> Taxonomy:
+    """The mini world's 7 categories x 3 concepts, each with its twin as counterpart."""
+    from ..world.scene import CONCEPTS
+    return Taxonomy({cat: tuple(Concept(h, cat, t) for h, t in pairs) for cat, pairs in CONCEPTS.items()},
+                    source="world", is_world=True)
+
+
+def load_taxonomy(spec: str) -> Taxonomy:
+    """'world', or a YAML/JSON file (``categories: {cat: {concept: counterpart | null} | [concept | {concept,
+    counterpart}]}``) or a CSV file (columns ``category,concept[,counterpart]``)."""
+    if spec in ("", "world"):
+        return world_taxonomy()
+    p = Path(spec)
+    if not p.is_file():
+        raise SafealignError(f"taxonomy file {p} does not exist; pass 'world' or a YAML/CSV taxonomy "
+                             "(see configs/taxonomy_example.yaml)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SafealignError(f"taxonomy file {p} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    if p.suffix.lower() == ".csv":
+        return _from_csv(text, str(p))
+    if p.suffix.lower() in (".yaml", ".yml", ".json"):
+        import yaml
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SafealignError(f"taxonomy file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        return _from_mapping(data, str(p))
+    raise SafealignError(f"taxonomy file {p} must end in .yaml, .yml, .json or .csv")
+
+
+def _clean(v, what: str, source: str) -> str:
+    if not isinstance(v, (str, int, float)) or not str(v).strip():
+        raise SafealignError(f"taxonomy {source}: {what} must be a non-empty string, got {v!r}")
+    return re.sub(r"\s+", " ", str(v).strip())
+
+
+def _from_mapping(data, source: str) -> Taxonomy:
+    if isinstance(data, dict) and "categories" in data:
+        data = data["categories"]
+    if not data:
+        raise SafealignError(f"taxonomy {source} is empty; it needs at least one category with one concept")
+    if not isinstance(data, dict):
+        raise SafealignError(f"taxonomy {source} must map category -> concepts (see configs/taxonomy_example.yaml)")
+    cats: dict[str, list[Concept]] = {}
+    for cat_raw, items in data.items():
+        cat = normalise_category(_clean(cat_raw, "a category name", source))
+        out = cats.setdefault(cat, [])
+        if isinstance(items, dict):
+            items = [{"concept": k, "counterpart": v} for k, v in items.items()]
+        if not isinstance(items, list):
+            raise SafealignError(f"taxonomy {source}: category {cat_raw!r} must hold a list or mapping of concepts")
+        for it in items:
+            if isinstance(it, dict):
+                unknown = set(it) - {"concept", "counterpart"}
+                if unknown or "concept" not in it:
+                    raise SafealignError(f"taxonomy {source}: an entry of {cat_raw!r} must have 'concept' (and "
+                                         f"optionally 'counterpart'), got keys {sorted(it)}")
+                cp = it.get("counterpart")
+                out.append(Concept(_clean(it["concept"], "a concept", source), cat,
+                                   _clean(cp, "a counterpart", source) if cp not in (None, "") else None))
+            else:
+                out.append(Concept(_clean(it, "a concept", source), cat))
+    return Taxonomy({k: tuple(v) for k, v in cats.items()}, source=source)
+
+
+def _from_csv(text: str, source: str) -> Taxonomy:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows:
+        raise SafealignError(f"taxonomy {source} is empty; it needs a header 'category,concept[,counterpart]' "
+                             "and at least one row")
+    cols = {c.strip().lower() for c in rows[0] if c}
+    if not {"category", "concept"} <= cols:
+        raise SafealignError(f"taxonomy {source} needs columns category and concept (and optionally "
+                             f"counterpart); it has {', '.join(sorted(cols))}")
+    data: dict[str, list] = {}
+    for r in rows:
+        r = {(k or "").strip().lower(): (v or "").strip() for k, v in r.items()}
+        data.setdefault(r["category"], []).append({"concept": r["concept"],
+                                                   "counterpart": r.get("counterpart") or None})
+    return _from_mapping(data, source)

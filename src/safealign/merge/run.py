@@ -1,0 +1,186 @@
+"""`safealign merge`: load experts, compute (or reuse) Co-Merge statistics, merge, write a LoRA folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..artifacts import atomic_dir, check_output_free, write_manifest
+from ..config import MergeConfig, to_dict
+from ..errors import SafealignError
+from ..lora import save_lora
+from ..utils import logger
+from . import baselines
+from .comerge import (Calibration, collect_activations, comerge, make_calibration, ownership_summary, sha_list)
+from .experts import Expert, check_compatible, load_expert, to_state_dict
+
+STATS = "comerge_stats"
+
+
+def find_experts(paths: tuple[str, ...], categories: tuple[str, ...]) -> list[Expert]:
+    folders: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SafealignError(f"expert {p} does not exist")
+        if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file() and not p.suffix:
+            subs = sorted(d for d in p.iterdir() if (d / "pytorch_lora_weights.safetensors").is_file())
+            if not subs:
+                raise SafealignError(f"{p} holds no expert folder (no pytorch_lora_weights.safetensors)")
+            folders.extend(subs)
+        else:
+            folders.append(p)
+    experts = [load_expert(f) for f in folders]
+    if categories:
+        names = {e.name for e in experts}
+        unknown = [c for c in categories if c not in names]
+        if unknown:
+            raise SafealignError(f"no expert for categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                                 f"experts: {', '.join(sorted(names))}")
+        experts = [e for e in experts if e.name in categories]
+    check_compatible(experts)
+    return experts
+
+
+def _targets(experts: list[Expert]) -> tuple[str, ...]:
+    return tuple(sorted(set().union(*(set(e.spec.targets) for e in experts))))
+
+
+def _calibration(cfg: MergeConfig, backbone) -> Calibration:
+    from ..data.dataset import PairedDataset
+    from ..train.cache import encode_pairs, encode_prompts_cached, default_cache_dir
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if cfg.prompts:
+        prompts = list(cfg.prompts)
+        cond = encode_prompts_cached(backbone, prompts, cache)
+        g = torch.Generator().manual_seed(cfg.seed)
+        c = backbone.unet.config
+        latents = torch.randn(len(prompts), c.in_channels, c.sample_size, c.sample_size, generator=g)
+    elif cfg.dataset:
+        ds = PairedDataset(cfg.dataset)
+        pairs = []
+        for cat in ds.categories:
+            ps = ds.pairs(cat, cfg.split) or ds.pairs(cat)
+            pairs.extend(ps[: cfg.calibration_per_category] if cfg.calibration_per_category else ps)
+        ds.verify_images(pairs)
+        enc = encode_pairs(backbone, pairs, cache)
+        prompts = [p.unsafe_prompt for p in pairs]
+        latents, cond = enc.latents_l, enc.cond  # unsafe images under unsafe prompts
+    else:
+        raise SafealignError("Co-Merge needs calibration prompts: pass --dataset (its unsafe prompts) or --prompts")
+    if not prompts:
+        raise SafealignError("no calibration prompts found; pass --dataset with pairs or --prompts")
+    return make_calibration(backbone, latents, cond, cfg.timesteps, cfg.seed, prompts)
+
+
+def _stats_meta(e: Expert, calib_key: str, cfg: MergeConfig) -> dict[str, str]:
+    return {"expert": e.name, "checksum": e.checksum, "calibration": calib_key, "activations": cfg.activations,
+            "granularity": cfg.granularity}
+
+
+def _reusable(cfg: MergeConfig, experts: list[Expert], calib_key: str) -> dict[str, dict[str, torch.Tensor]]:
+    if not cfg.reuse_stats:
+        return {}
+    from safetensors import safe_open
+    folder = Path(cfg.reuse_stats) / STATS
+    if not folder.is_dir():
+        raise SafealignError(f"--reuse-stats {cfg.reuse_stats} holds no {STATS}/ folder; pass a Co-Merge output")
+    found = {}
+    for e in experts:
+        f = folder / f"{e.name}.safetensors"
+        if not f.is_file():
+            continue
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+        if meta == _stats_meta(e, calib_key, cfg):
+            found[e.name] = load_file(str(f))
+    return found
+
+
+def run_merge(cfg: MergeConfig) -> Path:
+    t0 = time.perf_counter()
+    final = check_output_free(cfg.output, cfg.overwrite)
+    experts = find_experts(cfg.experts, cfg.categories)
+    if cfg.weights and len(cfg.weights) != len(experts):
+        raise SafealignError(f"--weights has {len(cfg.weights)} values for {len(experts)} experts")
+    names = [e.name for e in experts]
+    targets = _targets(experts)
+    metrics: dict = {"experts": len(experts)}
+    extra: dict = {}
+    stats_to_write: dict[str, tuple[dict, dict]] = {}
+    counts = None
+    w = list(cfg.weights) or None
+    if cfg.method == "comerge":
+        from ..backbone import load_backbone
+        bb = load_backbone(cfg.model)
+        calib = _calibration(cfg, bb)
+        key = calib.key()
+        acts = _reusable(cfg, experts, key)
+        todo = [e for e in experts if e.name not in acts]
+        logger.info("Co-Merge statistics: %d calibration inputs, %d expert(s) to measure, %d reused",
+                    len(calib), len(todo), len(acts))
+        t1 = time.perf_counter()
+        if todo:
+            acts.update(collect_activations(bb.unet, todo, calib, cfg.activations, cfg.granularity, cfg.batch_size))
+        metrics["stats_seconds"] = time.perf_counter() - t1
+        metrics["stats_reused"] = len(experts) - len(todo)
+        merged, counts = comerge(experts, acts, cfg.granularity)
+        summary = ownership_summary(names, counts)
+        extra["ownership"] = summary
+        extra["calibration"] = {**calib.description, "key": key, "inputs": len(calib)}
+        stats_to_write = {e.name: (acts[e.name], _stats_meta(e, key, cfg)) for e in experts}
+        base_model = bb.identity()
+    else:
+        merged = {}
+        trunc = []
+        for m in experts[0].modules:
+            fs = [e.modules[m] for e in experts]
+            if cfg.method == "cat":
+                merged[m] = baselines.cat_factors(fs)
+            elif cfg.method == "linear":
+                merged[m] = baselines.linear(fs, w)
+            elif cfg.method == "task_arithmetic":
+                merged[m] = baselines.task_arithmetic(fs, w)
+            else:
+                merged[m], err = baselines.dense_merge(fs, cfg.method, w, cfg.density, cfg.seed)
+                trunc.append(err)
+        if trunc:
+            metrics["svd_truncation_error_max"] = max(trunc)
+        base_model = ((experts[0].manifest or {}).get("base_model"))
+    for m, (a, b) in merged.items():
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise SafealignError(f"the merge produced NaN/Inf in {m}; check the experts")
+    sd, spec = to_state_dict(merged, targets)
+    metrics["merge_seconds"] = time.perf_counter() - t0
+    with atomic_dir(final, overwrite=cfg.overwrite) as tmp:
+        save_lora(tmp, sd, spec)
+        if stats_to_write:
+            (tmp / STATS).mkdir()
+            for n, (acts_e, meta) in stats_to_write.items():
+                save_file({k: v.contiguous() for k, v in acts_e.items()}, str(tmp / STATS / f"{n}.safetensors"),
+                          metadata=meta)
+            save_file({f"{m}": c.to(torch.int32) for m, c in counts.items()},
+                      str(tmp / STATS / "win_counts.safetensors"), metadata={"experts": json.dumps(names)})
+        write_manifest(tmp, "lora", role="merged", method=cfg.method, categories=names,
+                       experts=[{"name": e.name, "path": e.path, "checksum": e.checksum, "rank": e.rank}
+                                for e in experts],
+                       lora=spec.metadata(), base_model=base_model, config=to_dict(cfg), metrics=metrics, **extra)
+    return final
+
+
+def merge_summary(folder: Path) -> str:
+    from ..artifacts import read_manifest
+    m = read_manifest(folder, "lora")
+    lines = [f"merged {len(m['categories'])} experts with {m['method']} -> {folder} "
+             f"(rank {m['lora']['r']}, {m['metrics'].get('merge_seconds', 0):.1f} s)"]
+    own = m.get("ownership")
+    if own:
+        names = m["categories"]
+        lines.append("share of neurons owned, per block:")
+        lines.append("block".ljust(16) + "".join(n[:12].rjust(13) for n in names))
+        for blk, shares in own.items():
+            lines.append(blk.ljust(16) + "".join(f"{shares[n]:13.2f}" for n in names))
+    return "\n".join(lines)
