@@ -1,4 +1,4 @@
-"""`safealign data prompts | images | import-coprov2`: thin CLI over :mod:`.prompts`, :mod:`.images`, :mod:`.coprov2`."""
+"""`safealign data prompts | images | import-coprov2`: thin CLI over .prompts, .images and .coprov2."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def _prompts(args) -> int:
 def _images(args) -> int:
     from accelerate import PartialState
 
-    from .images import generate_images, images_summary
+    from .images import generate_images, images_summary, use_cpu
     final, stats = generate_images(build(ImagesConfig, args))
-    if PartialState().is_main_process:
+    if PartialState(cpu=use_cpu()).is_main_process:
         print(images_summary(final, stats))
     return 0
 

@@ -146,6 +146,30 @@ def _prepare_work(work: Path, key: dict, restart: bool) -> None:
         run.write_text(json.dumps(key, indent=1))
 
 
+def _render_batch(pipe, judge, rows: pd.DataFrame, settings: dict, work: Path) -> list[str]:
+    """Render, judge and write one batch of pairs; return their done-log lines."""
+    u_ims, s_ims = render_pairs(pipe, rows["unsafe_prompt"].tolist(), rows["safe_prompt"].tolist(),
+                                rows["seed"].tolist(), settings)
+    k = len(rows)
+    scores = judge_scores(judge, u_ims + s_ims, rows["category"].tolist() * 2) if judge is not None else None
+    lines = []
+    for j, (pid, u_im, s_im) in enumerate(zip(rows["pair_id"], u_ims, s_ims)):
+        rec = {"pair_id": pid, "unsafe_image": f"images/{pid}_u.png", "safe_image": f"images/{pid}_s.png"}
+        rec["unsafe_sha256"] = _save_png(u_im, work / rec["unsafe_image"])
+        rec["safe_sha256"] = _save_png(s_im, work / rec["safe_image"])
+        if scores is not None:
+            rec["judge_unsafe"], rec["judge_safe"] = float(scores[j]), float(scores[k + j])
+        lines.append(json.dumps(rec))
+    return lines
+
+
+def use_cpu() -> bool:
+    """CPU processes (gloo) when there is no GPU or ``--cpu`` was given: PartialState needs to be told, or
+    ``accelerate launch --multi_gpu`` / ``torchrun`` workers on a CPU machine would each run alone."""
+    from accelerate.utils import parse_flag_from_env
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
 def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
                     on_batch: Callable[[int], None] | None = None) -> tuple[Path, dict]:
     """Render every pair (this process's share under Accelerate); rank 0 writes the dataset. Returns
@@ -154,7 +178,7 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
 
     from ..backbone import load_backbone
     t0 = time.perf_counter()
-    state = PartialState()
+    state = PartialState(cpu=use_cpu())
     final = Path(cfg.output)
     work = final.with_name(final.name + ".partial")
     check_output_free(final, cfg.overwrite)
@@ -185,30 +209,26 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
     t_gen = time.perf_counter()
     rendered = 0
     log_path = work / f"done-rank{state.process_index}.jsonl"
-    with open(log_path, "a") as log:
-        for b in progress(mine, desc="pairs" if state.num_processes == 1 else f"pairs (rank {state.process_index})",
-                          disable=None if state.is_main_process else True):
-            rows = df.iloc[b]
-            u_ims, s_ims = render_pairs(backbone.pipe, rows["unsafe_prompt"].tolist(), rows["safe_prompt"].tolist(),
-                                        rows["seed"].tolist(), settings)
-            scores = (judge_scores(judge, u_ims + s_ims, rows["category"].tolist() * 2)
-                      if judge is not None else None)
-            lines = []
-            for j, (pid, u_im, s_im) in enumerate(zip(rows["pair_id"], u_ims, s_ims)):
-                rec = {"pair_id": pid, "unsafe_image": f"images/{pid}_u.png", "safe_image": f"images/{pid}_s.png"}
-                rec["unsafe_sha256"] = _save_png(u_im, work / rec["unsafe_image"])
-                rec["safe_sha256"] = _save_png(s_im, work / rec["safe_image"])
-                if scores is not None:
-                    rec["judge_unsafe"], rec["judge_safe"] = float(scores[j]), float(scores[len(b) + j])
-                lines.append(json.dumps(rec))
-            log.write("\n".join(lines) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
-            rendered += len(b)
-            if on_batch is not None:
-                on_batch(rendered)
+    import diffusers
+    prev_verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # CLIP truncation notices once per batch are noise
+    try:
+        with open(log_path, "a+") as log:
+            if log.tell() and (log.seek(log.tell() - 1) or log.read(1) != "\n"):
+                log.write("\n")  # close a line torn by a kill, or the next record would be glued to it
+            desc = "pairs" if state.num_processes == 1 else f"pairs (rank {state.process_index})"
+            for b in progress(mine, desc=desc, disable=None if state.is_main_process else True):
+                lines = _render_batch(backbone.pipe, judge, df.iloc[b], settings, work)
+                log.write("\n".join(lines) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                rendered += len(b)
+                if on_batch is not None:
+                    on_batch(rendered)
+    finally:
+        diffusers.utils.logging.set_verbosity(prev_verbosity)
     gen_seconds = time.perf_counter() - t_gen
-    # the slowest rank's time is the run's: gather through the filesystem-free collective
+    # the slowest rank's time is the run's
     from accelerate.utils import gather_object
     times = gather_object([(rendered, gen_seconds)]) if state.num_processes > 1 else [(rendered, gen_seconds)]
     state.wait_for_everyone()

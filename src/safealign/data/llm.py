@@ -49,7 +49,9 @@ def pair_request(concept: Concept, n: int, call: int = 0) -> Messages:
 def _json_payload(text: str):
     """The JSON value in an answer (code fences and chatter around it tolerated), or None."""
     text = re.sub(r"```(?:json)?", "", text)
-    for open_, close in (("{", "}"), ("[", "]")):
+    pairs = [("{", "}"), ("[", "]")]
+    pairs.sort(key=lambda oc: text.find(oc[0]) if oc[0] in text else len(text))  # the outermost value first
+    for open_, close in pairs:
         i, j = text.find(open_), text.rfind(close)
         if 0 <= i < j:
             try:

@@ -232,7 +232,8 @@ def build_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
     df = assign_splits(df, cfg.split_by, cfg.test_fraction, cfg.seed)
     check_no_leakage(df, "the prompts")
     df = df.reset_index(drop=True)
-    stats = {"pairs": len(df), "per_category": {k: int(v) for k, v in df.groupby("category", sort=False).size().items()},
+    per_cat = df.groupby("category", sort=False).size()
+    stats = {"pairs": len(df), "per_category": {k: int(v) for k, v in per_cat.items()},
              "per_split": {k: int(v) for k, v in df.groupby("split").size().items()},
              "requested_per_concept": cfg.pairs_per_concept, "dropped": dict(col.dropped),
              "taxonomy": tax.source, "seconds": round(time.perf_counter() - t0, 3)}

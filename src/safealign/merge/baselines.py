@@ -43,7 +43,7 @@ def task_arithmetic(factors: Sequence[Factors], weights: Sequence[float] | None 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[Factors, float]:
     """Best rank-``rank`` factors of ``delta`` and the relative Frobenius error of the truncation."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     k = min(rank, s.numel())
     b = (u[:, :k] * s[:k].sqrt()).float()
     a = (s[:k].sqrt()[:, None] * vh[:k]).float()

@@ -18,10 +18,14 @@ Judge = Callable[[list], dict[str, np.ndarray]]
 
 
 def resolve_judge(spec: str) -> Judge:
-    """'world' -> the mini world's judge; 'package.module:callable' -> that callable (or factory)."""
+    """'world' -> the mini world's judge; 'package.module:callable' -> that callable (or factory).
+
+    The returned callable always gives ``{category: probabilities}`` (a judge returning an object with a
+    ``scores`` mapping, such as the world judge's Judgement, is unwrapped).
+    """
     if spec == "world":
         from ..world.judge import load_judge
-        return load_judge()
+        return as_scores(load_judge())
     if ":" not in spec:
         raise SafealignError(f"judge {spec!r} is unknown; use 'world' or 'package.module:callable'")
     mod_name, attr = spec.split(":", 1)
@@ -29,7 +33,17 @@ def resolve_judge(spec: str) -> Judge:
         obj = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
         raise SafealignError(f"cannot import judge {spec!r}: {e}") from None
-    return obj() if isinstance(obj, type) else obj
+    return as_scores(obj() if isinstance(obj, type) else obj)
+
+
+def as_scores(judge) -> Judge:
+    """Wrap a judge so it returns ``{category: np.ndarray}`` whatever its own result type."""
+    def call(images):
+        out = judge(images)
+        out = getattr(out, "scores", out)
+        return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+    call.__wrapped__ = judge  # type: ignore[attr-defined]
+    return call
 
 
 @torch.no_grad()
