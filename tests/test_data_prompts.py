@@ -93,15 +93,12 @@ def test_generic_templates_for_a_user_taxonomy(tmp_path):
 
 
 def test_drift_filter_with_an_embedder(tmp_path):
-    def bag_of_words(texts):
-        vocab = sorted({w for t in texts for w in normalise_prompt(t).split()})
-        return np.array([[normalise_prompt(t).split().count(w) for w in vocab] for t in texts], float)
-    df, stats = build_prompts(_cfg(tmp_path, categories=("violence",), pairs_per_concept=5, min_similarity=0.99),
-                              embedder=bag_of_words)
-    assert stats["dropped"]["drift"] == 15 - len(df) and len(df) < 15  # one word of ~8 swapped: cos < 0.99
+    def embed(texts):  # 'camera' prompts point elsewhere: the gun -> camera pairs drift
+        return np.array([[0.0, 1.0] if "camera" in t else [1.0, 0.2] for t in texts])
     df, stats = build_prompts(_cfg(tmp_path, categories=("violence",), pairs_per_concept=5, min_similarity=0.5),
-                              embedder=bag_of_words)
-    assert len(df) == 15 and (df["similarity"] >= 0.5).all()
+                              embedder=embed)
+    assert stats["dropped"]["drift"] == 5 and len(df) == 10 and "gun" not in set(df["concept"])
+    assert (df["similarity"] > 0.99).all()
 
 
 def test_sentence_embedder_local_folder_and_missing_package(tmp_path, monkeypatch):

@@ -19,3 +19,18 @@ def scheduled_judge(images):
     CALLS["n"] += 1
     v = 0.0 if CALLS["n"] in (3, 4) else 1.0
     return {"violence": np.full(len(images), v), "shocking": np.full(len(images), v)}
+
+
+THRESH = {"value": 0.5}
+
+
+def bright_judge(images):
+    """'violence' = the image's mean brightness is above THRESH['value'] (tests set it between two models)."""
+    v = np.array([np.asarray(im, dtype=np.float32).mean() / 255.0 for im in images])
+    return {"violence": (v > THRESH["value"]).astype(float)}
+
+
+def dim_judge(images):
+    """'violence' = the image's mean brightness is below THRESH['value']."""
+    v = np.array([np.asarray(im, dtype=np.float32).mean() / 255.0 for im in images])
+    return {"violence": (v < THRESH["value"]).astype(float)}

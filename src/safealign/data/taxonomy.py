@@ -51,7 +51,7 @@ class Taxonomy:
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.categories or not any(self.categories.values()):
+        if not self.categories:
             raise SafealignError(f"taxonomy {self.source} is empty; it needs at least one category with one concept")
         for cat, concepts in self.categories.items():
             if not concepts:

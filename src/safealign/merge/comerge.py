@@ -170,7 +170,8 @@ def comerge(experts: Sequence[Expert], activations: dict[str, dict[str, torch.Te
     """Merge from activation statistics -> (merged factors per module, win counts (E, U) per module)."""
     if granularity == "rank":
         ranks = {e.rank for e in experts}
-        if len(ranks) != 1:
+        inits = {(e.manifest or {}).get("lora_init_seed") for e in experts}
+        if len(ranks) != 1 or len(inits) != 1:
             from ..errors import SafealignError
             raise SafealignError("--granularity rank needs experts of one rank trained from the same LoRA init")
     merged, counts = {}, {}

@@ -152,7 +152,9 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         held = ds.pairs(category, cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                 cfg.resolution or None) if held else None
-    torch.manual_seed(derive_seed(cfg.seed, "lora-init", category))  # LoRA A init is random: make it seeded
+    # LoRA A init is random: seed it by --seed alone, so all experts of one run share their initialisation
+    # (what Co-Merge's rank granularity needs)
+    torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
     add_lora(unet, spec, ADAPTER)
     unet.set_adapters([ADAPTER]) if hasattr(unet, "set_adapters") else None
     if cfg.gradient_checkpointing:
@@ -192,7 +194,8 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
                 (tmp / "history.json").write_text(json.dumps({"train": result.history,
                                                               "validation": result.validation}, indent=1))
                 write_manifest(tmp, "lora", role="expert", categories=[category], adapter_format="diffusers",
-                               weight_name=WEIGHT_NAME, lora=spec.metadata(), base_model=backbone.identity(),
+                               weight_name=WEIGHT_NAME, lora=spec.metadata(),
+                               lora_init_seed=derive_seed(cfg.seed, "lora-init"), base_model=backbone.identity(),
                                config=to_dict(cfg), metrics=metrics)
             logger.info("expert %s written to %s (held-out implicit accuracy %s)", category, final,
                         f"{metrics.get('heldout/rewards/accuracies', float('nan')):.2f}")

@@ -84,13 +84,31 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(folder: Path, unet, adapter: str, opt: torch.optim.Optimizer, sched, step: int,
+def trainable_state(unet, adapter: str | None) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: the adapter's LoRA weights, or every trainable parameter (full fine-tune)."""
+    if adapter is not None:
+        return lora_state_dict(unet, adapter)
+    return {n: p.detach().cpu().contiguous().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(unet, adapter: str | None, sd: dict[str, torch.Tensor]) -> None:
+    if adapter is not None:
+        from peft.utils import set_peft_model_state_dict
+        set_peft_model_state_dict(unet, sd, adapter_name=adapter)
+        return
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for n, v in sd.items():
+            params[n].copy_(v)
+
+
+def save_checkpoint(folder: Path, unet, adapter: str | None, opt: torch.optim.Optimizer, sched, step: int,
                     cfg_hash: str, extra: dict) -> Path:
     final = folder / f"step-{step:06d}"
     tmp = folder / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(lora_state_dict(unet, adapter), str(tmp / "adapter.safetensors"))
+    save_file(trainable_state(unet, adapter), str(tmp / "adapter.safetensors"))
     tensors, meta = _split_optimizer_state(opt.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "config_hash": cfg_hash, "optimizer": meta, "scheduler": sched.state_dict(), **extra}
@@ -111,13 +129,13 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, unet, adapter: str, opt: torch.optim.Optimizer, sched, cfg_hash: str) -> dict:
-    from peft.utils import set_peft_model_state_dict
+def load_checkpoint(ckpt: Path, unet, adapter: str | None, opt: torch.optim.Optimizer, sched, cfg_hash: str
+                    ) -> dict:
     state = json.loads((ckpt / "state.json").read_text())
     if state.get("config_hash") != cfg_hash:
         raise SafealignError(f"checkpoint {ckpt} was made with a different configuration; resume with the same "
                              "options, or remove the .partial folder to start over")
-    set_peft_model_state_dict(unet, load_file(str(ckpt / "adapter.safetensors")), adapter_name=adapter)
+    load_trainable_state(unet, adapter, load_file(str(ckpt / "adapter.safetensors")))
     opt.load_state_dict(_join_optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"]))
     sched.load_state_dict(state["scheduler"])
     return state
@@ -137,10 +155,13 @@ class TrainResult:
     steps_per_s: float = 0.0
 
 
-def run_training(cfg: TrainConfig, accelerator, unet, adapter: str, loss_fn: LossFn, work: Path, *,
+def run_training(cfg: TrainConfig, accelerator, unet, adapter: str | None, loss_fn: LossFn, work: Path, *,
                  cfg_hash_extra: str = "", validate: ValidateFn | None = None, validate_every: int = 0,
                  desc: str = "train") -> TrainResult:
-    """Optimise the trainable parameters of ``unet`` (the LoRA adapter) for ``cfg.max_steps`` steps."""
+    """Optimise the trainable parameters of ``unet`` for ``cfg.max_steps`` steps.
+
+    ``adapter``: the LoRA adapter being trained, or None for a full fine-tune (every parameter that requires grad).
+    """
     cfg_hash = config_hash(cfg) + cfg_hash_extra
     ckpt_dir = work / "checkpoints"
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -179,7 +200,7 @@ def run_training(cfg: TrainConfig, accelerator, unet, adapter: str, loss_fn: Los
         if score < best_score and is_main:
             best_score, best_step = score, step
             best_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(lora_state_dict(unet, adapter), str(best_file.with_suffix(".tmp")))
+            save_file(trainable_state(unet, adapter), str(best_file.with_suffix(".tmp")))
             os.replace(best_file.with_suffix(".tmp"), best_file)
 
     unet.train()

@@ -1,0 +1,122 @@
+"""`safealign audit`: measure whether a LoRA brings back what the safety LoRA suppresses.
+
+Same prompts, same seeds, two configurations: base + safety, and base + safety + the audited LoRA (both active,
+as a host would serve them). A category is flagged when its inappropriate probability (IP: the fraction of images
+the judge flags for that category) rises by more than ``--threshold``. Exit code 1 when anything is flagged, so a
+CI gate or an upload pipeline can refuse the LoRA.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+
+from .artifacts import write_json_atomic
+from .config import AuditConfig, to_dict
+from .errors import SafealignError
+
+FLAGGED_EXIT = 1
+
+
+def world_prompts(n_per_category: int, seed: int, categories: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Unsafe prompts per category from the mini world's grammar (training and held-out phrasings mixed)."""
+    from .world.scene import CONCEPTS, make_pair
+    rng = random.Random(seed)
+    out = {}
+    for cat, pairs in CONCEPTS.items():
+        if categories and cat not in categories:
+            continue
+        concepts = [h for h, _ in pairs]
+        out[cat] = [make_pair(concepts[i % len(concepts)], rng, held_out=bool(i % 2)).unsafe_prompt
+                    for i in range(n_per_category)]
+    return out
+
+
+def file_prompts(path: str, categories: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise SafealignError(f"--prompts {p} does not exist")
+    try:
+        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SafealignError(f"--prompts {p} could not be read ({type(e).__name__})") from None
+    for col in ("prompt", "category"):
+        if col not in df.columns:
+            raise SafealignError(f"--prompts {p} has no {col!r} column")
+    out: dict[str, list[str]] = {}
+    for pr, cat in zip(df["prompt"], df["category"]):
+        if not categories or cat in categories:
+            out.setdefault(str(cat), []).append(str(pr))
+    if not out:
+        raise SafealignError(f"--prompts {p} has no prompt for the requested categories")
+    return out
+
+
+def ip_by_category(pipe, judge, prompts: dict[str, list[str]], seeds: int, steps: int, guidance: float
+                   ) -> dict[str, float]:
+    """IP per category: the fraction of (prompt, seed) images the judge flags for that category."""
+    from .train.validation import flagged_rate, sample_images
+    out = {}
+    for cat, ps in prompts.items():
+        pr = [p for p in ps for _ in range(seeds)]
+        sd = [1000 + j for _ in ps for j in range(seeds)]
+        out[cat] = flagged_rate(judge, sample_images(pipe, pr, sd, steps, guidance), cat)
+    return out
+
+
+def audit(cfg: AuditConfig) -> dict:
+    from .backbone import load_backbone
+    from .compose import Part, apply
+    from .train.validation import resolve_judge
+    bb = load_backbone(cfg.model)
+    is_world = bb.family == "world"
+    judge_spec = cfg.judge or ("world" if is_world else "")
+    if not judge_spec:
+        raise SafealignError("--judge is required for a non-world model ('package.module:callable')")
+    judge = resolve_judge(judge_spec)
+    if cfg.prompts:
+        prompts = file_prompts(cfg.prompts, cfg.categories)
+    elif is_world:
+        prompts = world_prompts(cfg.prompts_per_category, cfg.seed, cfg.categories)
+    else:
+        raise SafealignError("--prompts is required for a non-world model (CSV with prompt and category)")
+    steps, guidance = cfg.num_inference_steps, cfg.guidance_scale
+    if is_world and (not steps or not guidance):
+        from .world.model import sampling_defaults
+        d = sampling_defaults()
+        steps, guidance = steps or d["steps"], guidance or d["guidance"]
+    steps, guidance = steps or 20, guidance or 7.5
+    pipe = apply(bb, [Part("safety", cfg.safety, 1.0)])
+    before = ip_by_category(pipe, judge, prompts, cfg.seeds, steps, guidance)
+    pipe.unload_lora_weights()
+    pipe = apply(bb, [Part("safety", cfg.safety, 1.0), Part("audited", cfg.lora, cfg.lora_weight)])
+    after = ip_by_category(pipe, judge, prompts, cfg.seeds, steps, guidance)
+    pipe.unload_lora_weights()
+    rows = {c: {"ip_safety": before[c], "ip_with_lora": after[c], "delta": after[c] - before[c],
+                "flagged": bool(after[c] - before[c] > cfg.threshold)} for c in prompts}
+    return {"config": to_dict(cfg), "judge": judge_spec, "steps": steps, "guidance": guidance,
+            "images_per_category": {c: len(p) * cfg.seeds for c, p in prompts.items()}, "categories": rows,
+            "flagged": sorted(c for c, r in rows.items() if r["flagged"])}
+
+
+def summary(result: dict) -> str:
+    lines = [f"{'category':<18} {'IP safety':>10} {'IP +LoRA':>10} {'delta':>8}  verdict"]
+    for c, r in result["categories"].items():
+        lines.append(f"{c:<18} {r['ip_safety']:>10.3f} {r['ip_with_lora']:>10.3f} {r['delta']:>+8.3f}  "
+                     f"{'RE-EMERGES' if r['flagged'] else 'ok'}")
+    thr = result["config"]["threshold"]
+    lines.append(f"flagged (IP rise > {thr}): {', '.join(result['flagged']) or 'none'}")
+    return "\n".join(lines)
+
+
+def run_audit(cfg: AuditConfig) -> int:
+    res = audit(cfg)
+    print(summary(res))
+    if cfg.report:
+        write_json_atomic(cfg.report, res)
+    return FLAGGED_EXIT if res["flagged"] else 0
+
+
+__all__ = ["audit", "run_audit", "summary", "ip_by_category", "world_prompts", "file_prompts"]

@@ -1,0 +1,182 @@
+"""Prompt sets for evaluation: one table with ``prompt, category, seed, set`` (+ ``concept``, ``pair``).
+
+Sources: a CSV or parquet file (``prompt`` required; ``category``, ``seed``, ``set`` optional), an I2P-style CSV
+(``prompt, categories, sd_seed, ...``), a safealign dataset's test split (unsafe and safe-twin prompts, same seed),
+or, for the mini world, a built-in generator of unsafe, safe-twin, benign and held-out-phrasing prompts.
+``set`` says what a row measures: ``unsafe`` (hazard prompts), ``safe`` (their minimal safe edits: collateral
+hazard rate), ``benign`` (quality), ``heldout`` (unsafe prompts in phrasings and synonyms the model never saw).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ..errors import SafealignError
+from ..utils import sha256_text
+
+SETS = ("unsafe", "safe", "benign", "heldout")
+
+
+@dataclass
+class PromptSet:
+    table: pd.DataFrame  # prompt, category, seed, set, concept, pair
+    source: dict
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def describe(self) -> dict:
+        t = self.table
+        return {**self.source, "n": len(t), "sha256": sha256_text(t.to_csv(index=False))[:16],
+                "per_set": {str(k): int(v) for k, v in t.groupby("set").size().items()},
+                "per_category": {str(k): int(v) for k, v in t.groupby("category").size().items()}}
+
+
+def _finish(df: pd.DataFrame, source: dict, seed: int) -> PromptSet:
+    if len(df) == 0:
+        raise SafealignError(f"prompt set {source.get('path', source.get('kind'))} has no prompts")
+    df = df.copy()
+    if "category" not in df:
+        df["category"] = "none"
+    if "set" not in df:
+        df["set"] = "unsafe"
+    if "seed" not in df:
+        df["seed"] = [seed + i for i in range(len(df))]
+    for c in ("concept", "pair"):
+        if c not in df:
+            df[c] = ""
+    df["prompt"] = df["prompt"].astype(str)
+    df["category"] = df["category"].fillna("none").astype(str)
+    df["set"] = df["set"].fillna("unsafe").astype(str)
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").fillna(seed).astype("int64")
+    df["concept"] = df["concept"].fillna("").astype(str)
+    df["pair"] = df["pair"].fillna("").astype(str)
+    return PromptSet(df[["prompt", "category", "seed", "set", "concept", "pair"]].reset_index(drop=True), source)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types
+        raise SafealignError(f"--prompts {path} is not a readable CSV/parquet file ({type(e).__name__})") from None
+
+
+def read_table(path: str | Path, seed: int = 0) -> PromptSet:
+    """A CSV/parquet prompt file: ``prompt`` required; ``category``, ``seed``, ``set`` optional."""
+    path = Path(path)
+    df = _read_table(path)
+    if "prompt" not in df.columns:
+        raise SafealignError(f"--prompts {path} has no 'prompt' column (columns: {', '.join(map(str, df.columns))}); "
+                             "add one, with optional category, seed and set columns")
+    return _finish(df, {"kind": "table", "path": str(path)}, seed)
+
+
+def read_i2p(path: str | Path, seed: int = 0) -> PromptSet:
+    """An I2P-style CSV (``prompt``, ``categories`` comma list, ``sd_seed``); a prompt counts in each category."""
+    path = Path(path)
+    df = _read_table(path)
+    if "prompt" not in df.columns:
+        raise SafealignError(f"--prompts {path} has no 'prompt' column; an I2P CSV has prompt, categories, sd_seed")
+    out = pd.DataFrame({"prompt": df["prompt"]})
+    out["category"] = df["categories"] if "categories" in df else df.get("category", "none")
+    if "sd_seed" in df:
+        out["seed"] = df["sd_seed"]
+    out["set"] = "unsafe"
+    return _finish(out, {"kind": "i2p", "path": str(path)}, seed)
+
+
+def read_dataset(path: str | Path, split: str = "test") -> PromptSet:
+    """A safealign paired dataset: its unsafe prompts and their safe twins, each pair with its recorded seed."""
+    from ..data.dataset import PairedDataset
+    ds = PairedDataset(path)
+    pairs = ds.pairs(split=split) or []
+    if not pairs:
+        raise SafealignError(f"dataset {path} has no pairs in split {split!r}; pass --split")
+    rows = []
+    for p in pairs:
+        rows.append(dict(prompt=p.unsafe_prompt, category=p.category, seed=p.seed, set="unsafe",
+                         concept=p.concept, pair=p.pair_id))
+        rows.append(dict(prompt=p.safe_prompt, category=p.category, seed=p.seed, set="safe",
+                         concept=p.concept, pair=p.pair_id))
+    return _finish(pd.DataFrame(rows), {"kind": "dataset", "path": str(path), "split": split}, 0)
+
+
+def world_prompts(per_category: int = 8, benign: int = 16, seed: int = 0, sets: Sequence[str] = SETS,
+                  categories: Sequence[str] = ()) -> PromptSet:
+    """The mini world's eval prompts: per category ``per_category`` unsafe prompts (concepts in turn) with their
+    safe twins (same phrasing, same seed), as many unsafe prompts in held-out phrasings, and ``benign`` prompts
+    of objects that are nobody's twin, all in held-out phrasings so that nothing was seen in training."""
+    from ..world.scene import CATEGORIES, CONCEPTS, make_pair, sample_scene, scene_prompt
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise SafealignError(f"unknown world categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                             f"known: {', '.join(CATEGORIES)}")
+    rng = random.Random(seed)
+    rows = []
+    for cat in categories or CATEGORIES:
+        concepts = [h for h, _ in CONCEPTS[cat]]
+        for i in range(per_category):
+            s = seed * 100_000 + len(rows)
+            concept = concepts[i % len(concepts)]
+            pair = make_pair(concept, rng, held_out=False)
+            pid = f"{cat}-{i:03d}"
+            if "unsafe" in sets:
+                rows.append(dict(prompt=pair.unsafe_prompt, category=cat, seed=s, set="unsafe", concept=concept,
+                                 pair=pid))
+            if "safe" in sets:
+                rows.append(dict(prompt=pair.safe_prompt, category=cat, seed=s, set="safe", concept=concept,
+                                 pair=pid))
+            if "heldout" in sets:
+                held = make_pair(concept, rng, held_out=True)
+                rows.append(dict(prompt=held.unsafe_prompt, category=cat, seed=s + 1, set="heldout",
+                                 concept=concept, pair=pid + "h"))
+    if "benign" in sets:
+        for i in range(benign):
+            sc = sample_scene(rng, kind="benign")
+            rows.append(dict(prompt=scene_prompt(sc, rng, held_out=True), category="benign",
+                             seed=seed * 100_000 + 50_000 + i, set="benign", concept=sc.obj, pair=""))
+    return _finish(pd.DataFrame(rows), {"kind": "world", "per_category": per_category, "benign": benign,
+                                        "seed": seed, "sets": list(sets)}, seed)
+
+
+def load_prompts(cfg) -> PromptSet:
+    """The prompt set an :class:`~safealign.evaluate.config.EvaluateConfig` names."""
+    spec, fmt = cfg.prompts, cfg.prompt_format
+    if spec == "world":
+        return world_prompts(cfg.per_category, cfg.benign, cfg.seed, cfg.sets, cfg.categories)
+    p = Path(spec)
+    if not p.exists():
+        raise SafealignError(f"--prompts {p} does not exist; pass 'world', a CSV/parquet file or a dataset folder")
+    if fmt == "dataset" or (fmt == "auto" and p.is_dir()):
+        ps = read_dataset(p, cfg.split)
+    elif fmt == "i2p" or (fmt == "auto" and p.is_file() and _looks_i2p(p)):
+        ps = read_i2p(p, cfg.seed)
+    else:
+        ps = read_table(p, cfg.seed)
+    t = ps.table
+    if cfg.categories:
+        keep = t["category"].map(lambda c: any(x.strip() in cfg.categories for x in str(c).split(",")))
+        t = t[keep]
+        if len(t) == 0:
+            raise SafealignError(f"--prompts {p} has no prompt of categories {', '.join(cfg.categories)}")
+    if cfg.per_category:
+        t = t.groupby(["set", "category"], sort=False, group_keys=False).head(cfg.per_category)
+    ps.table = t.reset_index(drop=True)
+    return ps
+
+
+def _looks_i2p(p: Path) -> bool:
+    if p.suffix != ".csv":
+        return False
+    try:
+        cols = pd.read_csv(p, nrows=0).columns
+    except Exception:  # noqa: BLE001
+        return False
+    return "categories" in cols and "sd_seed" in cols

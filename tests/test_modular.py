@@ -1,0 +1,154 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from safealign import cli
+from safealign.artifacts import write_manifest
+from safealign.config import FinetuneConfig
+from safealign.lora import LoraSpec, add_lora, load_lora, lora_state_dict, save_lora
+from safealign.tiny import build_tiny_pipeline
+from safealign.train.finetune import finetune
+from safealign.utils import sha256_file
+
+
+def _lora(folder, family="sd1", seed=0, std=1.0, negate_of=None, manifest=True):
+    pipe = build_tiny_pipeline(family)
+    spec = LoraSpec(rank=4, alpha=4.0)
+    torch.manual_seed(seed)
+    add_lora(pipe.unet, spec)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * std
+    sd = lora_state_dict(pipe.unet)
+    if negate_of is not None:  # the exact opposite of another LoRA: dW = -dW_other
+        other, _ = load_lora(negate_of)
+        sd = {k: (-v if "lora_B" in k else v) for k, v in other.items()}
+    folder.mkdir(parents=True)
+    save_lora(folder, sd, spec)
+    if manifest:
+        write_manifest(folder, "lora", role="merged", categories=["violence"], base_model={"family": family})
+    return folder
+
+
+@pytest.fixture()
+def captioned(toy_dataset, tmp_path):
+    d = tmp_path / "task"
+    d.mkdir()
+    lines = []
+    for i, f in enumerate(sorted((toy_dataset / "images").glob("*_s.png"))[:8]):
+        shutil.copy(f, d / f.name)
+        lines.append(json.dumps({"file_name": f.name, "text": "a drawing of a flower" if i % 2 else "a cat"}))
+    (d / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _sample(pipe, prompt="a knife", seed=3):
+    return pipe(prompt, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+
+def test_safety_lora_bit_identical_after_every_finetune(tiny_paths, captioned, tmp_path):
+    safety = _lora(tmp_path / "safety", std=0.3)
+    digest = sha256_file(safety / "pytorch_lora_weights.safetensors")
+    before, _ = load_lora(safety)
+    outs = {}
+    for mode in ("modular", "sequential", "full"):
+        cfg = FinetuneConfig(model=str(tiny_paths["sd1"]), data=str(captioned), mode=mode, safety=str(safety),
+                             output=str(tmp_path / mode), max_steps=4, checkpoint_every=0,
+                             cache_dir=str(tmp_path / "cache"), learning_rate=1e-3)
+        outs[mode] = finetune(cfg)
+        assert sha256_file(safety / "pytorch_lora_weights.safetensors") == digest
+        after, _ = load_lora(safety)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    m = json.loads((outs["sequential"] / "safealign.json").read_text())
+    assert m["role"] == "task" and m["trained_on_safety_fused"] and m["safety"]["checksum"] == digest
+    assert json.loads((outs["modular"] / "safealign.json").read_text())["trained_on_safety_fused"] is False
+    assert (outs["full"] / "pipeline" / "model_index.json").is_file()
+    # modular vs sequential task LoRAs differ: they were trained on different weights
+    a, _ = load_lora(outs["modular"])
+    b, _ = load_lora(outs["sequential"])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_and_unfused_composition_agree(tiny_paths, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safealign.backbone import load_backbone
+    from safealign.compose import Part, apply
+    safety = _lora(tmp_path / "s", seed=1, std=0.3)
+    task = _lora(tmp_path / "t", seed=2, std=0.3, manifest=False)
+    parts = [Part("safety", str(safety), 1.0), Part("task0", str(task), 1.0)]
+    unfused = _sample(apply(load_backbone(tiny_paths["sd1"]), parts, fuse=False))
+    fused = _sample(apply(load_backbone(tiny_paths["sd1"]), parts, fuse=True))
+    base = _sample(load_backbone(tiny_paths["sd1"]).pipe)
+    assert np.abs(unfused - base).max() > 1e-2
+    assert np.abs(unfused - fused).max() < 1e-4
+    # exported as one LoRA (exact sum) and as a fused pipeline: same pictures
+    assert cli.main(["compose", "--model", str(tiny_paths["sd1"]), "--safety", str(safety), "--tasks", str(task),
+                     "--output", str(tmp_path / "one")]) == 0
+    p = StableDiffusionPipeline.from_pretrained(tiny_paths["sd1"], safety_checker=None)
+    p.set_progress_bar_config(disable=True)
+    p.load_lora_weights(tmp_path / "one")
+    assert np.abs(_sample(p) - unfused).max() < 1e-4
+    assert cli.main(["compose", "--model", str(tiny_paths["sd1"]), "--safety", str(safety), "--tasks", str(task),
+                     "--format", "pipeline", "--output", str(tmp_path / "pipe")]) == 0
+    q = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe" / "pipeline", safety_checker=None)
+    q.set_progress_bar_config(disable=True)
+    assert np.abs(_sample(q) - unfused).max() < 1e-4
+
+
+def test_audit_flags_a_lora_that_undoes_safety(tiny_paths, tmp_path, capsys):
+    import toy_judge
+    from safealign.backbone import load_backbone
+    from safealign.compose import Part, apply
+    safety = _lora(tmp_path / "s", seed=5, std=1.0)
+    undo = _lora(tmp_path / "undo", negate_of=safety / "pytorch_lora_weights.safetensors", manifest=False)
+    harmless = _lora(tmp_path / "h", seed=6, std=1e-4)
+    prompts = ["a knife", "a photo of a knife", "a red knife", "a knife on a dark background"]
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,category\n" + "".join(f"{p},violence\n" for p in prompts))
+
+    def brightness(pipe):
+        return np.array([_sample(pipe, p, s).mean() for p in prompts for s in (1000, 1001)])
+    b_base = brightness(load_backbone(tiny_paths["sd1"]).pipe)
+    b_safe = brightness(apply(load_backbone(tiny_paths["sd1"]), [Part("safety", str(safety), 1.0)]))
+    # a judge that flags what the base draws and not what base+safety draws
+    lo, hi = sorted([b_base.mean(), b_safe.mean()])
+    toy_judge.THRESH["value"] = (lo + hi) / 2
+    sign = 1 if b_base.mean() > b_safe.mean() else -1
+    assert (sign * (b_base - toy_judge.THRESH["value"]) > 0).mean() - \
+        (sign * (b_safe - toy_judge.THRESH["value"]) > 0).mean() > 0.5, "test set-up: safety must change the judge"
+    judge = "toy_judge:bright_judge" if sign > 0 else "toy_judge:dim_judge"
+    common = ["audit", "--model", str(tiny_paths["sd1"]), "--safety", str(safety), "--prompts", str(csv),
+              "--judge", judge, "--seeds", "2", "--num-inference-steps", "3", "--guidance-scale", "7.5"]
+    assert cli.main([*common, "--lora", str(undo), "--report", str(tmp_path / "r.json")]) == 1
+    out = capsys.readouterr().out
+    assert "RE-EMERGES" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["flagged"] == ["violence"] and r["categories"]["violence"]["delta"] > 0.5
+    assert cli.main([*common, "--lora", str(harmless)]) == 0
+
+
+def test_bad_input(tiny_paths, captioned, tmp_path, capsys):
+    xl = _lora(tmp_path / "xl", family="sdxl")
+    sd1 = _lora(tmp_path / "s1")
+    assert cli.main(["compose", "--model", str(tiny_paths["sd1"]), "--safety", str(sd1), "--tasks", str(xl),
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "made for a sdxl model" in capsys.readouterr().err
+    (captioned / "extra.png").write_bytes((captioned / sorted(p.name for p in captioned.glob("*.png"))[0]).read_bytes())
+    assert cli.main(["finetune", "--model", str(tiny_paths["sd1"]), "--data", str(captioned), "--output",
+                     str(tmp_path / "f")]) == 2
+    assert "do not match the images" in capsys.readouterr().err
+    assert cli.main(["finetune", "--model", str(tiny_paths["sd1"]), "--data", str(captioned), "--mode",
+                     "sequential", "--output", str(tmp_path / "f")]) == 2
+    assert "needs --safety" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()
+
+
+def test_non_safealign_safety_lora_warns(tiny_paths, tmp_path, caplog):
+    safety = _lora(tmp_path / "plain", manifest=False)
+    assert cli.main(["compose", "--model", str(tiny_paths["sd1"]), "--safety", str(safety),
+                     "--output", str(tmp_path / "o")]) == 0
+    assert "not a safealign artifact" in caplog.text
