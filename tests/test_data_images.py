@@ -140,7 +140,7 @@ def test_judge_without_the_category_is_refused(prompts_file, tiny_paths, backbon
     cfg = _cfg(prompts_file, tiny_paths["sd1"], tmp_path / "ds", judge="x:y")
     with pytest.raises(SafealignError, match="no score for category"):
         generate_images(cfg, backbone=backbone, judge=lambda ims: {"hate": np.zeros(len(ims))})
-    assert not (tmp_path / "ds").exists()
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "ds.partial").exists()
 
 
 def test_sdxl_pipeline(prompts_file, tiny_paths, tmp_path):

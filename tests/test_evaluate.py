@@ -37,7 +37,7 @@ def tiny_clip(tmp_path_factory):
     """A tiny random CLIPModel + tokenizer saved like a real local CLIP folder."""
     from transformers import CLIPConfig, CLIPModel
     from safealign.tiny import TINY_WORDS, make_clip_tokenizer
-    tok = make_clip_tokenizer(TINY_WORDS + ("picture", "showing", "violence", "sexual", "ordinary", "harmless"))
+    tok = make_clip_tokenizer([*TINY_WORDS, "picture", "showing", "violence", "sexual", "ordinary", "harmless"])
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -190,6 +190,10 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
         from ..train.validation import resolve_judge
         judge = resolve_judge(cfg.judge)
     settings = sampling_settings(backbone, cfg)
+    if judge is not None:  # a judge that cannot score every category fails now, before any work is written
+        from PIL import Image
+        cats = list(dict.fromkeys(df["category"]))
+        judge_scores(judge, [Image.new("RGB", (settings["width"], settings["height"]))] * len(cats), cats)
     key = _run_key(df, backbone, settings, cfg)
     if state.is_main_process:
         _prepare_work(work, key, cfg.restart)

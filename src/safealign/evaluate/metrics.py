@@ -8,6 +8,7 @@ interval over images.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -129,7 +130,9 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, features: FeatureNet, *, kid_sub
         raise SafealignError(f"FID needs at least 2 images in each set, got {len(real)} and {len(fake)}")
     size = min(kid_subset_size, len(real), len(fake))
     fid = FrechetInceptionDistance(feature=features, normalize=False)
-    kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=size, normalize=False)
+    with warnings.catch_warnings():  # "KID keeps all features in memory": we know, the sets are small
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=size, normalize=False)
     for arr, is_real in ((real, True), (fake, False)):
         for i in range(0, len(arr), batch_size):
             t = torch.from_numpy(np.ascontiguousarray(arr[i:i + batch_size])).permute(0, 3, 1, 2)
