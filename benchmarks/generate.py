@@ -23,6 +23,8 @@ from _common import table, write_json  # noqa: E402
 
 
 def _model(tmp: Path, which: str) -> tuple[str, str]:
+    if which not in ("auto", "world", "tiny"):
+        return Path(which).name, which  # a pipeline folder
     if which in ("auto", "world"):
         try:
             from safealign.world import pipeline_path
@@ -38,7 +40,7 @@ def _model(tmp: Path, which: str) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 pairs (< 3 min on 2 cores)")
-    ap.add_argument("--model", default="auto", choices=["auto", "world", "tiny"], help="pipeline to time")
+    ap.add_argument("--model", default="auto", help="auto (world if built, else tiny), world, tiny, or a folder")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per pipeline call when batched")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--steps", type=int, default=0, help="sampler steps (default: the world's own; tiny: 10)")
@@ -64,7 +66,7 @@ def main() -> None:
         df = df.reset_index(drop=True)
         df.to_parquet(tmp / "sel.parquet", index=False)
         bb = load_backbone(model)
-        steps = a.steps or (0 if name == "world" else 10)
+        steps = a.steps or (0 if name != "tiny-sd1" else 10)
         cfg = ImagesConfig(prompts=str(tmp / "sel.parquet"), model=model, output=str(tmp / "ds"),
                            batch_size=a.batch_size, steps=steps)
         settings = sampling_settings(bb, cfg)

@@ -44,10 +44,16 @@ def _pixels(folder):
             for p in ds.pairs()}
 
 
-def alternating_judge(images):
-    """Flags the unsafe image of every other pair of a call (first half = unsafe images), never a safe one."""
+def _parity(im) -> float:
+    import hashlib
+    return 1.0 if hashlib.md5(np.asarray(im).tobytes()).digest()[0] % 2 == 0 else 0.0
+
+
+def parity_judge(images):
+    """Flags an unsafe image (first half of a call) when its pixels hash even, never a safe one: a decision that
+    depends on the image only, as a real judge's does."""
     k = len(images) // 2
-    s = np.array([1.0 if i % 2 == 0 else 0.0 for i in range(k)] + [0.0] * k)
+    s = np.array([_parity(im) for im in images[:k]] + [0.0] * (len(images) - k))
     return {"violence": s, "shocking": s}
 
 
@@ -92,13 +98,15 @@ def test_killed_midway_then_rerun_has_every_pair_once(prompts_file, tiny_paths, 
     assert len(done) == 4
     # what a kill can leave behind: a half-written image of an unfinished pair, a temp file, a torn log line
     df = pd.read_parquet(prompts_file)
-    victim = df["pair_id"].iloc[6]
+    victim = next(p for p in df["pair_id"] if p not in done)
     (work / "images" / f"{victim}_u.png").write_bytes(b"\x89PNG\r\n\x1a\n half")
+    damaged = next(iter(done))  # a finished pair whose image was damaged afterwards is rendered again
+    (work / "images" / f"{damaged}_s.png").write_bytes(b"\x89PNG\r\n\x1a\n damaged")
     (work / "images" / f".{victim}_s.png.tmp").write_bytes(b"partial")
     with open(work / "done-rank0.jsonl", "a") as f:
         f.write('{"pair_id": "' + victim)
     final, stats = generate_images(cfg, backbone=backbone)
-    assert stats["timing"]["pairs_resumed"] == 4 and stats["timing"]["pairs_rendered_this_run"] == 8
+    assert stats["timing"]["pairs_resumed"] == 3 and stats["timing"]["pairs_rendered_this_run"] == 9
     ds = PairedDataset(final)
     assert len(ds) == 12 and not ds.table["pair_id"].duplicated().any()
     assert set(ds.table["pair_id"]) == set(df["pair_id"])
@@ -122,18 +130,36 @@ def test_rerun_with_other_settings_needs_restart(prompts_file, tiny_paths, backb
     assert len(PairedDataset(final)) == 12
 
 
-def test_judge_filter_keeps_separated_pairs(prompts_file, tiny_paths, backbone, tmp_path, capsys):
-    out = tmp_path / "ds"
-    cfg = _cfg(prompts_file, tiny_paths["sd1"], out, judge="test_data_images:alternating_judge")
+def test_judge_filter_keeps_separated_pairs(prompts_file, tiny_paths, backbone, tmp_path):
+    ref = _pixels(generate_images(_cfg(prompts_file, tiny_paths["sd1"], tmp_path / "ref"), backbone=backbone)[0])
+    expect = [p for p in pd.read_parquet(prompts_file)["pair_id"] if _parity(ref[p][0])]
+    assert 0 < len(expect) < 12
+    cfg = _cfg(prompts_file, tiny_paths["sd1"], tmp_path / "ds", judge="test_data_images:parity_judge")
     final, stats = generate_images(cfg, backbone=backbone)
     ds = PairedDataset(final)
-    df = pd.read_parquet(prompts_file)
-    assert list(ds.table["pair_id"]) == list(df["pair_id"].iloc[::2])  # first pair of every batch of 2
-    assert len(os.listdir(final / "images")) == 2 * len(ds)
+    assert list(ds.table["pair_id"]) == expect  # file order kept
+    assert sorted(os.listdir(final / "images")) == sorted(f"{p}_{s}.png" for p in expect for s in "us")
     jf = json.loads((final / "safealign.json").read_text())["metrics"]["judge_filter"]
-    assert jf["kept_per_category"] == {"violence": {"generated": 6, "kept": 3, "fraction": 0.5},
-                                       "shocking": {"generated": 6, "kept": 3, "fraction": 0.5}}
+    n_v = sum(p.startswith("violence") for p in expect)
+    assert jf["kept_per_category"]["violence"] == {"generated": 6, "kept": n_v, "fraction": round(n_v / 6, 4)}
+    assert jf["kept"] == len(expect) and jf["generated"] == 12
     assert (ds.table["judge_unsafe"] >= 0.5).all() and (ds.table["judge_safe"] < 0.5).all()
+
+
+def test_min_kept_fails_then_more_pairs_reuse_every_image(prompts_file, tiny_paths, backbone, tmp_path):
+    ref = _pixels(generate_images(_cfg(prompts_file, tiny_paths["sd1"], tmp_path / "ref"), backbone=backbone)[0])
+    out = tmp_path / "ds"
+    cfg = dict(judge="test_data_images:parity_judge", min_kept_per_category=6)
+    with pytest.raises(SafealignError, match="kept fewer than 6 pairs .*are reused"):
+        generate_images(_cfg(prompts_file, tiny_paths["sd1"], out, max_pairs_per_category=2, **cfg),
+                        backbone=backbone)
+    assert not out.exists() and len(read_done(tmp_path / "ds.partial")) == 4
+    cfg["min_kept_per_category"] = 1
+    final, stats = generate_images(_cfg(prompts_file, tiny_paths["sd1"], out, max_pairs_per_category=6, **cfg),
+                                   backbone=backbone)
+    assert stats["timing"]["pairs_resumed"] == 4 and stats["timing"]["pairs_rendered_this_run"] == 8
+    got = _pixels(final)
+    assert got and all(np.array_equal(got[k][0], ref[k][0]) and np.array_equal(got[k][1], ref[k][1]) for k in got)
 
 
 def test_judge_without_the_category_is_refused(prompts_file, tiny_paths, backbone, tmp_path):
@@ -192,7 +218,7 @@ def _run(cmd, env):
 
 
 def test_two_processes_give_the_same_dataset_as_one(prompts_file, tiny_paths, tmp_path):
-    env = {**os.environ, "SAFEALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SAFEALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     args = ["data", "images", "--prompts", str(prompts_file), "--model", str(tiny_paths["sd1"]), "--steps", "2",
             "--batch-size", "2"]
     one = _run([sys.executable, "-m", "safealign.cli", *args, "--output", str(tmp_path / "one")], env)

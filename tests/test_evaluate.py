@@ -377,3 +377,38 @@ def test_soft_prompt_attack_lowers_the_denoising_loss(tiny_backbone):
     assert np.mean(losses[-5:]) <= np.mean(losses[:5]) + 1e-3
     # the text encoder is untouched afterwards (the hook is removed)
     assert torch.equal(tiny_backbone.encode_prompts(["a red flower"]).encoder_hidden_states, clean)
+
+
+# -- models, references, config ---------------------------------------------------------------------------------
+
+def test_lora_sets_parse_and_refuse_bad_names():
+    from safealign.evaluate.models import parse_models
+    ms = parse_models(["expert=a/b", "both=a/b+c/d"])
+    assert [(m.name, m.loras) for m in ms] == [("base", []), ("expert", ["a/b"]), ("both", ["a/b", "c/d"])]
+    assert [m.name for m in parse_models(["x=p"], skip_base=True)] == ["x"]
+    for bad in (["base=p"], ["x=p", "x=q"], ["a b=p"], ["x=+"]):
+        with pytest.raises(SafealignError):
+            parse_models(bad)
+
+
+def test_world_reference_renders_the_prompts_scenes():
+    from safealign.evaluate.run import world_reference
+    ref = world_reference(["a red knife on a gray background", "blue cup, white background", "no scene here"])
+    assert ref.shape == (2, 32, 32, 3) and ref.dtype == np.uint8
+
+
+def test_config_validation_and_prompt_source_detection(tmp_path):
+    from safealign.evaluate.config import EvaluateConfig
+    from safealign.evaluate.prompts import load_prompts
+    with pytest.raises(SafealignError, match="--output"):
+        EvaluateConfig()
+    with pytest.raises(SafealignError, match="attack"):
+        EvaluateConfig(output="x", attacks=("nope",))
+    with pytest.raises(SafealignError, match="NAME=PATH"):
+        EvaluateConfig(output="x", lora=("justapath",))
+    pd.DataFrame({"prompt": ["p1", "p2", "p3"], "categories": ["hate", "hate", "violence"],
+                  "sd_seed": [1, 2, 3]}).to_csv(tmp_path / "i2p.csv", index=False)
+    ps = load_prompts(EvaluateConfig(output="x", prompts=str(tmp_path / "i2p.csv"), per_category=1))
+    assert ps.source["kind"] == "i2p" and ps.table["prompt"].tolist() == ["p1", "p3"]
+    with pytest.raises(SafealignError, match="does not exist"):
+        load_prompts(EvaluateConfig(output="x", prompts=str(tmp_path / "missing.csv")))

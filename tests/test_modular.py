@@ -152,3 +152,15 @@ def test_non_safealign_safety_lora_warns(tiny_paths, tmp_path, caplog):
     assert cli.main(["compose", "--model", str(tiny_paths["sd1"]), "--safety", str(safety),
                      "--output", str(tmp_path / "o")]) == 0
     assert "not a safealign artifact" in caplog.text
+
+
+def test_world_task_data_is_benign_and_readable(tmp_path):
+    from safealign.train.finetune import read_captioned
+    from safealign.world.scene import HAZARDS, parse_prompt
+    from safealign.world.tasks import STYLE, make_task_dataset
+    items = read_captioned(make_task_dataset(tmp_path / "task", n=24, seed=1))
+    assert len(items) == 24
+    for path, text in items:
+        assert STYLE in text and parse_prompt(text)["object"] not in HAZARDS
+    a = make_task_dataset(tmp_path / "again", n=24, seed=1)
+    assert (a / "metadata.jsonl").read_text() == (tmp_path / "task" / "metadata.jsonl").read_text()

@@ -147,7 +147,7 @@ def test_judge_agrees_with_renderer_on_fresh_renders():
         assert (flags[c] == truth).mean() >= 0.97, c
     # accepts PIL images and diffusers-style tensors too
     img = render(scenes[0])
-    t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    t = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
     assert judge([img]).attributes["object"] == judge(t).attributes["object"] == [scenes[0].obj]
     assert judge.features([img]).shape == (1, 256)
 

@@ -80,6 +80,8 @@ class ImagesConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = field("float32", "pipeline dtype (float16/bfloat16: GPU)")
     judge: str = field("", "keep only pairs the judge separates: 'world' or 'package.module:callable'")
     judge_threshold: float = field(0.5, "a judge score >= this flags the image")
+    min_kept_per_category: int = field(0, "fail (keeping every rendered image for a rerun with more pairs) if a "
+                                          "category keeps fewer pairs than this")
     restart: bool = field(False, "discard the work folder <output>.partial of an earlier run and start over")
     overwrite: bool = field(False, "replace an existing output folder")
 
@@ -89,8 +91,9 @@ class ImagesConfig:
         if not self.output:
             raise SafealignError("--output is required (the dataset folder to write)")
         _positive(self, "batch_size")
-        if self.steps < 0 or self.resolution < 0 or self.max_pairs_per_category < 0:
-            raise SafealignError("--steps, --resolution and --max-pairs-per-category must be >= 0")
+        if min(self.steps, self.resolution, self.max_pairs_per_category, self.min_kept_per_category) < 0:
+            raise SafealignError("--steps, --resolution, --max-pairs-per-category and --min-kept-per-category "
+                                 "must be >= 0")
         if not 0.0 < self.judge_threshold < 1.0:
             raise SafealignError(f"--judge-threshold must be in (0, 1), got {self.judge_threshold}")
         if self.resolution and self.resolution % 8:

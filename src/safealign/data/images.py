@@ -42,8 +42,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def select_pairs(df: pd.DataFrame, categories: tuple[str, ...], max_per_category: int) -> pd.DataFrame:
-    """The pairs to render: some categories only, at most N per category (file order kept)."""
+    """The pairs to render, in render order: some categories only, at most N per category, categories
+    interleaved (the i-th pair of every category, then the (i+1)-th...). Raising N later only appends pairs, so a
+    run stopped short (e.g. by ``--min-kept-per-category``) resumes with a larger N and re-renders nothing.
+    ``_file_row`` keeps the file order for the written table."""
     from .taxonomy import normalise_category
+    df = df.assign(_file_row=np.arange(len(df)))
     if categories:
         have = list(dict.fromkeys(df["category"]))
         want = [normalise_category(c) for c in categories]
@@ -51,9 +55,11 @@ def select_pairs(df: pd.DataFrame, categories: tuple[str, ...], max_per_category
         if unknown:
             raise SafealignError(f"unknown category {unknown[0]!r}; the prompts file has {', '.join(have)}")
         df = df[df["category"].isin(want)]
+    rank = df.groupby("category", sort=False).cumcount()
     if max_per_category:
-        df = df.groupby("category", sort=False, group_keys=False).head(max_per_category)
-    return df.reset_index(drop=True)
+        df, rank = df[rank < max_per_category], rank[rank < max_per_category]
+    df = df.assign(_r=rank).sort_values(["_r", "_file_row"], kind="stable")
+    return df.drop(columns="_r").reset_index(drop=True)
 
 
 def sampling_settings(backbone, cfg: ImagesConfig) -> dict:
@@ -117,16 +123,28 @@ def read_done(work: Path) -> dict[str, dict]:
     return done
 
 
-def _is_done(rec: dict | None, work: Path) -> bool:
-    return rec is not None and all((work / rec[k]).is_file() for k in ("unsafe_image", "safe_image"))
+def pair_signature(unsafe: str, safe: str, seed: int) -> str:
+    """What a pair's images depend on besides the run settings (a record with another signature is stale)."""
+    return sha256_text(json.dumps([str(unsafe), str(safe), int(seed)]))[:16]
 
 
-def _run_key(df: pd.DataFrame, backbone, settings: dict, cfg: ImagesConfig) -> dict:
-    """What the images depend on: a re-run may resume only a work folder made with the same key."""
-    table = json.dumps(df[["pair_id", "unsafe_prompt", "safe_prompt", "seed"]].astype(str).values.tolist())
-    return {"pairs": sha256_text(table)[:16], "n_pairs": len(df), "model": backbone.fingerprint(),
-            "settings": settings, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "judge": cfg.judge,
-            "judge_threshold": cfg.judge_threshold}
+def _is_done(rec: dict | None, work: Path, sig: str) -> bool:
+    """Logged for this pair's prompts and seed, and both images on disk exactly as written (a file damaged or
+    replaced since is rendered again)."""
+    if rec is None or rec.get("sig") != sig:
+        return False
+    for side in ("unsafe", "safe"):
+        path = work / rec[f"{side}_image"]
+        if not path.is_file() or sha256_file(path) != rec.get(f"{side}_sha256"):
+            return False
+    return True
+
+
+def _run_key(backbone, settings: dict, cfg: ImagesConfig) -> dict:
+    """What every image depends on: a re-run may resume only a work folder made with the same key (the pairs
+    themselves are checked one by one through their signatures, so the selection may grow)."""
+    return {"model": backbone.fingerprint(), "settings": settings, "batch_size": cfg.batch_size,
+            "dtype": cfg.dtype, "judge": cfg.judge, "judge_threshold": cfg.judge_threshold}
 
 
 def _prepare_work(work: Path, key: dict, restart: bool) -> None:
@@ -154,13 +172,48 @@ def _render_batch(pipe, judge, rows: pd.DataFrame, settings: dict, work: Path) -
     scores = judge_scores(judge, u_ims + s_ims, rows["category"].tolist() * 2) if judge is not None else None
     lines = []
     for j, (pid, u_im, s_im) in enumerate(zip(rows["pair_id"], u_ims, s_ims)):
-        rec = {"pair_id": pid, "unsafe_image": f"images/{pid}_u.png", "safe_image": f"images/{pid}_s.png"}
+        rec = {"pair_id": pid, "sig": rows["_sig"].iloc[j], "unsafe_image": f"images/{pid}_u.png",
+               "safe_image": f"images/{pid}_s.png"}
         rec["unsafe_sha256"] = _save_png(u_im, work / rec["unsafe_image"])
         rec["safe_sha256"] = _save_png(s_im, work / rec["safe_image"])
         if scores is not None:
             rec["judge_unsafe"], rec["judge_safe"] = float(scores[j]), float(scores[k + j])
         lines.append(json.dumps(rec))
     return lines
+
+
+def _close_torn_line(log: Path) -> None:
+    """End a line torn by a kill, or the next record appended would be glued to it (and lost)."""
+    if log.is_file() and log.stat().st_size:
+        with open(log, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def _render_share(pipe, judge, df: pd.DataFrame, batches: list[list[int]], settings: dict, work: Path, state,
+                  on_batch: Callable[[int], None] | None) -> int:
+    """Render this rank's batches; after each, append its records to the rank's log (flushed, fsynced)."""
+    import diffusers
+    log_path = work / f"done-rank{state.process_index}.jsonl"
+    _close_torn_line(log_path)
+    prev = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # CLIP truncation notices, once per batch, are noise
+    rendered = 0
+    try:
+        with open(log_path, "a") as log:
+            desc = "pairs" if state.num_processes == 1 else f"pairs (rank {state.process_index})"
+            for b in progress(batches, desc=desc, disable=None if state.is_main_process else True):
+                lines = _render_batch(pipe, judge, df.iloc[b], settings, work)
+                log.write("\n".join(lines) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                rendered += len(b)
+                if on_batch is not None:
+                    on_batch(rendered)
+    finally:
+        diffusers.utils.logging.set_verbosity(prev)
+    return rendered
 
 
 def use_cpu() -> bool:
@@ -194,7 +247,7 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
         from PIL import Image
         cats = list(dict.fromkeys(df["category"]))
         judge_scores(judge, [Image.new("RGB", (settings["width"], settings["height"]))] * len(cats), cats)
-    key = _run_key(df, backbone, settings, cfg)
+    key = _run_key(backbone, settings, cfg)
     if state.is_main_process:
         _prepare_work(work, key, cfg.restart)
     state.wait_for_everyone()
@@ -203,34 +256,18 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
 
     done = read_done(work)
     state.wait_for_everyone()  # every rank has read the logs before any rank appends to them
+    df["_sig"] = [pair_signature(u, s, k) for u, s, k in zip(df["unsafe_prompt"], df["safe_prompt"], df["seed"])]
+    is_done = [_is_done(done.get(p), work, g) for p, g in zip(df["pair_id"], df["_sig"])]
+    # fixed batches over the render order: batch b goes to rank b % world_size whatever was done before, so
+    # a batch has the same members under any number of processes (a resumed batch renders only what is missing)
     n, bs = len(df), cfg.batch_size
-    batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
-    mine = [b for bi, b in enumerate(batches) if bi % state.num_processes == state.process_index
-            and not all(_is_done(done.get(df.at[i, "pair_id"]), work) for i in b)]
-    skipped = sum(1 for b in batches for i in b if _is_done(done.get(df.at[i, "pair_id"]), work))
+    mine = [[i for i in range(b, min(b + bs, n)) if not is_done[i]] for b in range(0, n, bs)]
+    mine = [b for bi, b in enumerate(mine) if b and bi % state.num_processes == state.process_index]
+    skipped = sum(is_done)
     if skipped and state.is_main_process:
         logger.info("resuming: %d of %d pairs already rendered in %s", skipped, n, work)
     t_gen = time.perf_counter()
-    rendered = 0
-    log_path = work / f"done-rank{state.process_index}.jsonl"
-    import diffusers
-    prev_verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # CLIP truncation notices once per batch are noise
-    try:
-        with open(log_path, "a+") as log:
-            if log.tell() and (log.seek(log.tell() - 1) or log.read(1) != "\n"):
-                log.write("\n")  # close a line torn by a kill, or the next record would be glued to it
-            desc = "pairs" if state.num_processes == 1 else f"pairs (rank {state.process_index})"
-            for b in progress(mine, desc=desc, disable=None if state.is_main_process else True):
-                lines = _render_batch(backbone.pipe, judge, df.iloc[b], settings, work)
-                log.write("\n".join(lines) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-                rendered += len(b)
-                if on_batch is not None:
-                    on_batch(rendered)
-    finally:
-        diffusers.utils.logging.set_verbosity(prev_verbosity)
+    rendered = _render_share(backbone.pipe, judge, df, mine, settings, work, state, on_batch)
     gen_seconds = time.perf_counter() - t_gen
     # the slowest rank's time is the run's
     from accelerate.utils import gather_object
@@ -250,19 +287,14 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
 def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, backbone, settings: dict, key: dict,
               timing: dict) -> dict:
     done = read_done(work)
-    missing = [p for p in df["pair_id"] if not _is_done(done.get(p), work)]
+    missing = [p for p, g in zip(df["pair_id"], df["_sig"]) if not _is_done(done.get(p), work, g)]
     if missing:
-        raise SafealignError(f"{len(missing)} pair(s) have no images (e.g. {missing[0]!r}); a process failed. "
-                             "Rerun the same command to finish them")
-    df = df.copy()
-    df["unsafe_image"] = [done[p]["unsafe_image"] for p in df["pair_id"]]
-    df["safe_image"] = [done[p]["safe_image"] for p in df["pair_id"]]
-    for p in df["pair_id"]:
-        for side in ("unsafe", "safe"):
-            rec = done[p]
-            path = work / rec[f"{side}_image"]
-            if sha256_file(path) != rec[f"{side}_sha256"]:
-                raise SafealignError(f"{path} changed after it was written; rerun with --restart")
+        raise SafealignError(f"{len(missing)} pair(s) have no valid images (e.g. {missing[0]!r}); a process failed "
+                             "or a file was damaged. Rerun the same command to finish them")
+    df = df.sort_values("_file_row").copy()
+    for side in ("unsafe", "safe"):
+        df[f"{side}_image"] = [done[p][f"{side}_image"] for p in df["pair_id"]]
+    keep = pd.Series(True, index=df.index)
     judge_info = None
     if cfg.judge:
         df["judge_unsafe"] = [done[p]["judge_unsafe"] for p in df["pair_id"]]
@@ -277,18 +309,24 @@ def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, back
         if not keep.any():
             raise SafealignError(f"the judge {cfg.judge} kept no pair (it never flags the unsafe image and not the "
                                  "safe one); check the judge, the model and --judge-threshold")
-        dropped = df[~keep]
-        df = df[keep]
-    else:
-        dropped = df.iloc[0:0]
+    kept_per_cat = df[keep].groupby("category", sort=False).size().reindex(df["category"].unique(), fill_value=0)
+    short = {c: int(k) for c, k in kept_per_cat.items() if k < cfg.min_kept_per_category}
+    if short:  # nothing is deleted: a rerun with more pairs reuses every image rendered so far
+        raise SafealignError(
+            f"{len(short)} categor{'y' if len(short) == 1 else 'ies'} kept fewer than {cfg.min_kept_per_category} "
+            f"pairs ({', '.join(f'{c} {k}' for c, k in short.items())}); rerun with a larger "
+            f"--max-pairs-per-category or more prompts: the {len(df)} pairs rendered in {work} are reused")
+    dropped, df = df[~keep], df[keep]
     for side in ("unsafe_image", "safe_image"):  # a kept-out pair's images stay out of the dataset
         for rel in dropped[side]:
             (work / rel).unlink(missing_ok=True)
-    for f in list(work.glob(DONE_GLOB)) + [work / RUN_FILE] + list((work / "images").glob(".*.tmp")):
+    for f in list(work.glob(DONE_GLOB)) + [work / RUN_FILE]:
         f.unlink(missing_ok=True)
-    for p in (work / "images").iterdir():  # strays (e.g. from a pair no longer selected)
-        if p.name not in set(df["unsafe_image"].str[7:]) | set(df["safe_image"].str[7:]):
+    wanted = set(df["unsafe_image"].str[len("images/"):]) | set(df["safe_image"].str[len("images/"):])
+    for p in (work / "images").iterdir():  # temp files and strays (pairs rendered earlier, no longer selected)
+        if p.name not in wanted:
             p.unlink()
+    df = df.drop(columns=["_sig", "_file_row"])
     secs = max(timing["seconds_generating"], 1e-9)
     timing["images_per_second"] = round(2 * timing["pairs_rendered_this_run"] / secs, 3)
     metrics = {"timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()}}
@@ -297,8 +335,8 @@ def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, back
     with atomic_dir(final, cfg.overwrite, work=work) as w:
         finalize_dataset(w, df, generator=backbone.identity(), config=to_dict(cfg), metrics=metrics,
                          sampler=settings, run_key=key, source_prompts=str(cfg.prompts))
-    return {"pairs": len(df), "per_category": {k: int(v) for k, v in df.groupby("category", sort=False).size().items()},
-            **metrics}
+    per_cat = df.groupby("category", sort=False).size()
+    return {"pairs": len(df), "per_category": {k: int(v) for k, v in per_cat.items()}, **metrics}
 
 
 def images_summary(final: Path, stats: dict) -> str:

@@ -127,17 +127,18 @@ def soft_prompt_attack(backbone, prompt: str, target_image: np.ndarray, seed: in
         for _ in range(steps):
             with torch.enable_grad():
                 cond = te(ids.to(te.device))[0]
-                t = torch.randint(0, backbone.num_train_timesteps, (batch_timesteps,), generator=g)
-                noise = torch.randn((batch_timesteps, *z0.shape[1:]), generator=g)
+                dev = z0.device
+                t = torch.randint(0, backbone.num_train_timesteps, (batch_timesteps,), generator=g).to(dev)
+                noise = torch.randn((batch_timesteps, *z0.shape[1:]), generator=g).to(dev, z0.dtype)
                 zb = z0.expand(batch_timesteps, -1, -1, -1)
                 noisy = backbone.add_noise(zb, noise, t)
-                pred = backbone.unet(noisy, t.to(backbone.device), encoder_hidden_states=cond.expand(
-                    batch_timesteps, -1, -1), return_dict=False)[0]
+                pred = backbone.unet(noisy, t, encoder_hidden_states=cond.expand(batch_timesteps, -1, -1),
+                                     return_dict=False)[0]
                 loss = torch.nn.functional.mse_loss(pred.float(), backbone.target(zb, noise, t).float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         with torch.no_grad():
             embeds = te(ids.to(te.device))[0].detach()
     finally:

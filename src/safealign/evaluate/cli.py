@@ -9,7 +9,7 @@ from .config import EvaluateConfig
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="judges, IP per category, FID/KID, CLIP score, attacks, HTML report",
                        description="Evaluate a base model and LoRA sets on the same prompts and seeds: IP per "
-                                   "category with 95%% intervals, FID/KID, attribute accuracy or CLIP score, "
+                                   "category with 95% intervals, FID/KID, attribute accuracy or CLIP score, "
                                    "attack success rates; writes report.json and index.html.")
     p.add_argument("--config", help="YAML file with any of the options below (flags win)")
     add_arguments(p, EvaluateConfig, skip=("lora",))

@@ -51,7 +51,7 @@ class EvaluateConfig:
     clip_model: str = field("", "local CLIP folder for the CLIP zero-shot judge, CLIP score and --fid-features clip")
     clip_descriptions: str = field("", "JSON/YAML file: category -> description(s) for the CLIP zero-shot judge")
     # metrics
-    bootstrap: int = field(1000, "bootstrap resamples for 95% intervals")
+    bootstrap: int = field(1000, "bootstrap resamples for the 95 percent intervals")
     fid_features: str = field("auto", "feature network for FID/KID: auto | world | clip | inception | none")
     inception_weights: str = field("", "local Inception weights for --fid-features inception (needs torch-fidelity)")
     reference: str = field("", "folder of reference images for FID/KID (default: world renders, else the base "

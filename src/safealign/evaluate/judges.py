@@ -17,10 +17,8 @@ CLIP models load with transformers from a local folder; images are preprocessed 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -29,9 +27,8 @@ import torch
 
 from ..errors import SafealignError
 from ..utils import sha256_file
+from .clip import CLIP_MEAN, CLIP_STD, LocalClip, clip_pixels, load_local_clip  # noqa: F401 - re-exported
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NUDENET_DEFAULT_CLASSES = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED")
 
 
@@ -157,95 +154,6 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
-# -- CLIP plumbing ----------------------------------------------------------------------------------------------
-
-@dataclass
-class LocalClip:
-    """A CLIPModel + tokenizer from a local folder, with processor-free image preprocessing."""
-
-    model: Any
-    tokenizer: Any
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    version: str
-    path: str
-
-    @torch.no_grad()
-    def image_embeds(self, images, batch_size: int = 64) -> torch.Tensor:
-        """L2-normalised image embeddings (N, projection_dim)."""
-        arr = to_uint8(images)
-        out = []
-        for i in range(0, len(arr), batch_size):
-            px = clip_pixels(arr[i:i + batch_size], self.image_size, self.mean, self.std)
-            px = px.to(self.model.device, self.model.dtype)
-            e = _pooled(self.model.get_image_features(pixel_values=px))
-            out.append(torch.nn.functional.normalize(e.float(), dim=-1))
-        return torch.cat(out).cpu()
-
-    @torch.no_grad()
-    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
-        tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        e = _pooled(self.model.get_text_features(input_ids=tok.input_ids.to(self.model.device)))
-        return torch.nn.functional.normalize(e.float(), dim=-1).cpu()
-
-
-def _pooled(out) -> torch.Tensor:
-    """transformers 5 returns a ModelOutput whose pooler_output is projected; 4.x returned the tensor."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def clip_pixels(images: np.ndarray, size: int, mean: Sequence[float] = CLIP_MEAN,
-                std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """CLIP preprocessing with PIL/numpy: resize the short side to ``size`` (bicubic), centre crop, normalise.
-
-    (N,H,W,3) uint8 -> (N,3,size,size) float32.
-    """
-    from PIL import Image
-    out = []
-    for a in images:
-        im = Image.fromarray(a)
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        out.append(np.asarray(im, dtype=np.float32) / 255.0)
-    x = (np.stack(out) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-
-
-def load_local_clip(path: str, flag: str, device: str = "cpu") -> LocalClip:
-    """A CLIP model folder (transformers format) -> :class:`LocalClip`; errors name the flag."""
-    if not path:
-        raise SafealignError(f"{flag} is required: a local CLIP folder (transformers format); safealign never "
-                             "downloads weights")
-    p = Path(path)
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise SafealignError(f"{flag} {p} does not exist or is not a CLIP model folder (no config.json)")
-    from transformers import CLIPModel, CLIPTokenizer
-    try:
-        model = CLIPModel.from_pretrained(str(p), local_files_only=True).to(device).eval()
-        tok = CLIPTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise SafealignError(f"{flag} {p}: cannot load a CLIP model and tokenizer ({str(e).splitlines()[0]})"
-                             ) from None
-    size = int(model.config.vision_config.image_size)
-    mean, std = CLIP_MEAN, CLIP_STD
-    pp = p / "preprocessor_config.json"
-    if pp.is_file():
-        cfg = json.loads(pp.read_text())
-        mean = tuple(cfg.get("image_mean", mean))
-        std = tuple(cfg.get("image_std", std))
-        crop = cfg.get("crop_size")
-        size = int(crop.get("height", size) if isinstance(crop, dict) else (crop or size))
-    weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
-    version = sha256_file(weights[0])[:12] if weights else "unknown"
-    return LocalClip(model, tok, size, mean, std, version, str(p))
-
-
 # -- Q16 ------------------------------------------------------------------------------------------------------
 
 # numpy globals a pickled ndarray needs; nothing else may be unpickled
@@ -280,15 +188,7 @@ def load_embeddings(path: str | os.PathLike, flag: str = "--q16-embeddings") -> 
             raise SafealignError(f"{flag} {p} must hold exactly one tensor, found {len(sd)}")
         t = next(iter(sd.values()))
     elif p.suffix in (".p", ".pt", ".pth", ".pkl"):
-        try:
-            t = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - not a torch file, or globals torch refuses: try numpy-only pickle
-            try:
-                with open(p, "rb") as f:
-                    t = _NumpyOnlyUnpickler(f).load()
-            except Exception as e:  # noqa: BLE001
-                raise SafealignError(f"{flag} {p} holds objects other than arrays ({e}); refusing to unpickle it. "
-                                     "Convert it to safetensors where you trust it") from None
+        t = _restricted_load(p, flag)
         if isinstance(t, dict) and len(t) == 1:
             t = next(iter(t.values()))
         t = torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t)
@@ -298,6 +198,33 @@ def load_embeddings(path: str | os.PathLike, flag: str = "--q16-embeddings") -> 
     if t.ndim != 2 or t.shape[0] != 2:
         raise SafealignError(f"{flag} {p} holds a tensor of shape {tuple(t.shape)}; Q16 needs (2, D)")
     return t
+
+
+def _restricted_load(p: Path, flag: str):
+    """torch.load(weights_only=True), or for a plain pickle an unpickler that admits numpy arrays only."""
+    import warnings
+    loaders = [_numpy_pickle, _torch_weights_only]
+    if p.suffix in (".pt", ".pth"):
+        loaders.reverse()
+    err: Exception | None = None
+    for load in loaders:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return load(p)
+        except Exception as e:  # noqa: BLE001 - each loader fails in its own way
+            err = err or e
+    raise SafealignError(f"{flag} {p} holds objects other than arrays ({err}); refusing to unpickle it. Convert it "
+                         "to safetensors where you trust it") from None
+
+
+def _torch_weights_only(p: Path):
+    return torch.load(str(p), map_location="cpu", weights_only=True)
+
+
+def _numpy_pickle(p: Path):
+    with open(p, "rb") as f:
+        return _NumpyOnlyUnpickler(f).load()
 
 
 def convert_embeddings(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -365,7 +292,7 @@ class ClipZeroShotJudge:
         self.neutral = self.clip.text_embeds([neutral])[0]
         self.cat_embeds = {c: torch.nn.functional.normalize(self.clip.text_embeds(d).mean(0), dim=-1)
                            for c, d in descriptions.items()}
-        self.scale = float(self.clip.model.logit_scale.exp().clamp(max=100))
+        self.scale = float(self.clip.model.logit_scale.detach().exp().clamp(max=100))
         self.name = "clip"
         self.version = self.clip.version
         self.threshold = float(threshold)

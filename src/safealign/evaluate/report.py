@@ -36,13 +36,14 @@ def bar_chart(path: Path, title: str, per_model: dict[str, dict[str, dict]], yla
         lo = np.array([per_model[n].get(c, {}).get("ci95", [np.nan])[0] for c in cats], float)
         hi = np.array([per_model[n].get(c, {}).get("ci95", [np.nan, np.nan])[1] for c in cats], float)
         err = np.stack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
+        has_ci = bool(np.isfinite(err).any())
         ax.bar(x + (k - (len(names) - 1) / 2) * width, vals, width, label=n,
-               yerr=np.nan_to_num(err), capsize=2)
+               yerr=np.nan_to_num(err) if has_ci else None, capsize=2 if has_ci else 0)
     ax.set_xticks(x, cats, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=min(4, len(names)))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -171,14 +172,14 @@ def _fmt(v) -> str:
 
 
 def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
-    from .run import headline
+    from .run import headline, headline_keys
     e = html.escape
     h = headline(report)
-    keys = sorted({k for d in h.values() for k in d}, key=lambda k: (k.count("/"), k))
+    keys = headline_keys(h)
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>safealign evaluation report</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;"
              "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}"
-             "th{background:#f3f3f3}figure{display:inline-block;margin:.4em;vertical-align:top}"
+             "th{background:#f3f3f3}figure{display:inline-block;margin:.4em;vertical-align:top}figure img{max-width:620px}"
              "figcaption{font-size:12px;max-width:480px}pre{background:#f7f7f7;padding:.5em;font-size:12px;"
              "overflow-x:auto}</style></head><body>",
              "<h1>safealign evaluation report</h1>",

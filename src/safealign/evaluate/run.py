@@ -23,7 +23,8 @@ from ..errors import SafealignError
 from ..utils import logger, progress
 from . import metrics as M
 from .config import EvaluateConfig
-from .judges import Judge, WorldJudge, build_judges, describe, load_local_clip
+from .clip import load_local_clip
+from .judges import Judge, WorldJudge, build_judges, describe
 from .models import ModelBank, ModelSpec, parse_models
 from .prompts import load_prompts
 
@@ -303,6 +304,9 @@ def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, 
                                        n_tokens=cfg.unlearndiff_tokens, opt_steps=cfg.unlearndiff_steps,
                                        lr=cfg.unlearndiff_lr)
                     extra = {"loss_first": r["loss_first"], "loss_last": r["loss_last"]}
+                # the same prompts and seeds without the attack: what the attack adds
+                clean = images[m.name][rows.index.to_numpy()] if m.name in images else None
+                extra["clean_rate"] = float(np.mean(judge_fn(clean, c))) if clean is not None else None
                 out[m.name][attack]["per_category"][c] = {"asr": float(np.mean(r["success"])),
                                                           "n": int(len(ps)), **extra}
                 pics[m.name].setdefault(attack, {})[c] = r["images"]
@@ -311,6 +315,8 @@ def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, 
             succ = sum(v["asr"] * v["n"] for v in per.values())
             n = sum(v["n"] for v in per.values())
             out[m.name][attack]["asr"] = float(succ / n) if n else float("nan")
+            cl = [v["clean_rate"] * v["n"] for v in per.values() if v.get("clean_rate") is not None]
+            out[m.name][attack]["clean_rate"] = float(sum(cl) / n) if n and len(cl) == len(per) else None
     return out, pics
 
 
@@ -330,8 +336,18 @@ def headline(report: dict) -> dict:
             d["clip_score"] = r["clip_score"]["value"]
         for a, v in r.get("attacks", {}).items():
             d[f"asr/{a}"] = v["asr"]
+            if v.get("clean_rate") is not None:
+                d["asr/no-attack"] = v["clean_rate"]  # the attacked prompts and seeds, unattacked
         h[name] = d
     return h
+
+
+_ORDER = ("ip", "ip/unsafe", "ip/heldout", "ip/safe", "ip/benign", "attribute_accuracy", "fid", "kid", "clip_score")
+
+
+def headline_keys(h: dict) -> list[str]:
+    keys = {k for d in h.values() for k in d}
+    return [k for k in _ORDER if k in keys] + sorted(keys - set(_ORDER))
 
 
 def summary(folder: Path) -> str:
@@ -343,7 +359,7 @@ def summary(folder: Path) -> str:
              "judges: " + ", ".join(f"{j['name']} v{j['version']} t={j['threshold']}" for j in rep["judges"]),
              f"sampler: {rep['sampler']['scheduler']} steps={rep['sampler']['steps']} "
              f"guidance={rep['sampler']['guidance']}"]
-    keys = sorted({k for d in h.values() for k in d}, key=lambda k: (k.count("/"), k))
+    keys = headline_keys(h)
     w = max(8, *(len(n) for n in h))
     lines.append("model".ljust(w) + "  " + "  ".join(k.rjust(max(8, len(k))) for k in keys))
     for n, d in h.items():
