@@ -110,7 +110,8 @@ def main() -> None:
     for judge, n in plan:
         r = run_worker(__file__, ["--judge", judge, "--n", str(n), "--device", device])
         if r.get("available") is False:
-            r = {"judge": judge, "images_per_s": None, "note": "unavailable: " + r["why"][:60]}
+            r = {"judge": judge, "images_per_s": None, "note": "unavailable (optional extra not installed)",
+                 "why": r["why"]}
         rows.append({**r, "device": device})
         print(f"measured {judge}", file=sys.stderr)
     cols = ["judge", "device", "image_size", "images", "images_per_s", "features_per_s", "weights", "note"]

@@ -71,3 +71,11 @@ def test_not_a_pipeline(tmp_path, tiny_paths):
 def test_fingerprint_stable_and_distinct(tiny_paths):
     a, b = load_backbone(tiny_paths["sd1"]), load_backbone(tiny_paths["sd1"])
     assert a.fingerprint() == b.fingerprint() != load_backbone(tiny_paths["sd2"]).fingerprint()
+
+
+def test_fingerprint_ignores_attached_adapters(tiny_paths):
+    from safealign.lora import LoraSpec, add_lora
+    b = load_backbone(tiny_paths["sd1"])
+    before = b.fingerprint()
+    add_lora(b.unet, LoraSpec())
+    assert b.fingerprint() == before

@@ -235,3 +235,25 @@ def test_two_processes_give_the_same_dataset_as_one(prompts_file, tiny_paths, tm
     pa, pb = _pixels(tmp_path / "one"), _pixels(tmp_path / "two")
     assert pa.keys() == pb.keys()
     assert all(np.array_equal(pa[k][i], pb[k][i]) for k in pa for i in (0, 1))
+
+
+def test_target_kept_renders_in_order_until_each_category_is_full(prompts_file, tiny_paths, backbone, tmp_path):
+    from safealign.data.images import select_pairs
+    ref = _pixels(generate_images(_cfg(prompts_file, tiny_paths["sd1"], tmp_path / "ref"), backbone=backbone)[0])
+    order = select_pairs(pd.read_parquet(prompts_file), (), 0)
+    expect = {c: [p for p in order.loc[order.category == c, "pair_id"] if _parity(ref[p][0])][:2]
+              for c in ("violence", "shocking")}
+    assert all(len(v) == 2 for v in expect.values())
+    cfg = _cfg(prompts_file, tiny_paths["sd1"], tmp_path / "ds", judge="test_data_images:parity_judge",
+               target_kept_per_category=2, batch_size=1)
+    final, stats = generate_images(cfg, backbone=backbone)
+    ds = PairedDataset(final)
+    assert sorted(ds.table["pair_id"]) == sorted(expect["violence"] + expect["shocking"])
+    jf = stats["judge_filter"]
+    assert jf["target_per_category"] == 2 and all(v["kept"] == 2 for v in jf["kept_per_category"].values())
+    needed = {c: list(order.loc[order.category == c, "pair_id"]).index(v[-1]) + 1 for c, v in expect.items()}
+    assert {c: v["generated"] for c, v in jf["kept_per_category"].items()} == needed
+    assert stats["timing"]["pairs_rendered_this_run"] == sum(needed.values())  # batch 1: nothing beyond
+    with pytest.raises(SafealignError, match="kept fewer than 7"):  # 6 pairs per category cannot give 7
+        generate_images(_cfg(prompts_file, tiny_paths["sd1"], tmp_path / "x", judge="test_data_images:parity_judge",
+                             target_kept_per_category=7), backbone=backbone)

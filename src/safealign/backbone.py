@@ -133,9 +133,9 @@ class Backbone:
         """Cheap, stable hash of the UNet config and a sample of its weights (for cache keys and checks)."""
         import hashlib
         h = hashlib.sha256(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
-        for name, p in list(self.unet.named_parameters())[:: max(1, len(list(self.unet.parameters())) // 16)]:
-            if "lora_" in name:
-                continue
+        # base weights only, under their base names: attached LoRA adapters must not change the fingerprint
+        base = sorted((n.replace(".base_layer", ""), p) for n, p in self.unet.named_parameters() if "lora_" not in n)
+        for name, p in base[:: max(1, len(base) // 16)]:
             h.update(name.encode())
             h.update(p.detach().float().flatten()[:256].cpu().numpy().tobytes())
         for enc in self.text_encoders():

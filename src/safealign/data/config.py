@@ -80,6 +80,8 @@ class ImagesConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = field("float32", "pipeline dtype (float16/bfloat16: GPU)")
     judge: str = field("", "keep only pairs the judge separates: 'world' or 'package.module:callable'")
     judge_threshold: float = field(0.5, "a judge score >= this flags the image")
+    target_kept_per_category: int = field(0, "with --judge: render pairs in order only until each category has "
+                                             "this many kept pairs, and keep exactly the first N (0: render all)")
     min_kept_per_category: int = field(0, "fail (keeping every rendered image for a rerun with more pairs) if a "
                                           "category keeps fewer pairs than this")
     restart: bool = field(False, "discard the work folder <output>.partial of an earlier run and start over")
@@ -91,9 +93,12 @@ class ImagesConfig:
         if not self.output:
             raise SafealignError("--output is required (the dataset folder to write)")
         _positive(self, "batch_size")
-        if min(self.steps, self.resolution, self.max_pairs_per_category, self.min_kept_per_category) < 0:
-            raise SafealignError("--steps, --resolution, --max-pairs-per-category and --min-kept-per-category "
-                                 "must be >= 0")
+        if self.target_kept_per_category and not self.judge:
+            raise SafealignError("--target-kept-per-category needs a --judge ('world' or 'package.module:callable')")
+        if min(self.steps, self.resolution, self.max_pairs_per_category, self.min_kept_per_category,
+               self.target_kept_per_category) < 0:
+            raise SafealignError("--steps, --resolution, --max-pairs-per-category, --min-kept-per-category and "
+                                 "--target-kept-per-category must be >= 0")
         if not 0.0 < self.judge_threshold < 1.0:
             raise SafealignError(f"--judge-threshold must be in (0, 1), got {self.judge_threshold}")
         if self.resolution and self.resolution % 8:

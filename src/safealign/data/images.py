@@ -42,9 +42,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def select_pairs(df: pd.DataFrame, categories: tuple[str, ...], max_per_category: int) -> pd.DataFrame:
-    """The pairs to render, in render order: some categories only, at most N per category, categories
-    interleaved (the i-th pair of every category, then the (i+1)-th...). Raising N later only appends pairs, so a
-    run stopped short (e.g. by ``--min-kept-per-category``) resumes with a larger N and re-renders nothing.
+    """The pairs to render, in render order: some categories only, at most N per category, interleaved (the i-th
+    pair of every concept of every category, then the (i+1)-th...). More pairs per concept in the prompts file, or
+    a larger N, only append to this order, so a run stopped short resumes and re-renders nothing.
     ``_file_row`` keeps the file order for the written table."""
     from .taxonomy import normalise_category
     df = df.assign(_file_row=np.arange(len(df)))
@@ -55,11 +55,15 @@ def select_pairs(df: pd.DataFrame, categories: tuple[str, ...], max_per_category
         if unknown:
             raise SafealignError(f"unknown category {unknown[0]!r}; the prompts file has {', '.join(have)}")
         df = df[df["category"].isin(want)]
-    rank = df.groupby("category", sort=False).cumcount()
+    cat_order = {c: i for i, c in enumerate(dict.fromkeys(df["category"]))}
+    con_order = {k: i for i, k in enumerate(dict.fromkeys(zip(df["category"], df["concept"])))}
+    df = df.assign(_i=df.groupby(["category", "concept"], sort=False).cumcount(),
+                   _c=[cat_order[c] for c in df["category"]],
+                   _k=[con_order[k] for k in zip(df["category"], df["concept"])])
+    df = df.sort_values(["_i", "_c", "_k", "_file_row"], kind="stable").drop(columns=["_i", "_c", "_k"])
     if max_per_category:
-        df, rank = df[rank < max_per_category], rank[rank < max_per_category]
-    df = df.assign(_r=rank).sort_values(["_r", "_file_row"], kind="stable")
-    return df.drop(columns="_r").reset_index(drop=True)
+        df = df[df.groupby("category", sort=False).cumcount() < max_per_category]
+    return df.reset_index(drop=True)
 
 
 def sampling_settings(backbone, cfg: ImagesConfig) -> dict:
@@ -192,14 +196,14 @@ def _close_torn_line(log: Path) -> None:
 
 
 def _render_share(pipe, judge, df: pd.DataFrame, batches: list[list[int]], settings: dict, work: Path, state,
-                  on_batch: Callable[[int], None] | None) -> int:
+                  on_batch: Callable[[int], None] | None, rendered: int = 0) -> list[dict]:
     """Render this rank's batches; after each, append its records to the rank's log (flushed, fsynced)."""
     import diffusers
     log_path = work / f"done-rank{state.process_index}.jsonl"
     _close_torn_line(log_path)
     prev = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # CLIP truncation notices, once per batch, are noise
-    rendered = 0
+    records = []
     try:
         with open(log_path, "a") as log:
             desc = "pairs" if state.num_processes == 1 else f"pairs (rank {state.process_index})"
@@ -208,12 +212,67 @@ def _render_share(pipe, judge, df: pd.DataFrame, batches: list[list[int]], setti
                 log.write("\n".join(lines) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
-                rendered += len(b)
+                records += [json.loads(ln) for ln in lines]
                 if on_batch is not None:
-                    on_batch(rendered)
+                    on_batch(rendered + len(records))
     finally:
         diffusers.utils.logging.set_verbosity(prev)
-    return rendered
+    return records
+
+
+def _kept(rec: dict, threshold: float) -> bool:
+    return rec["judge_unsafe"] >= threshold and rec["judge_safe"] < threshold
+
+
+def _target_status(df: pd.DataFrame, is_done: list[bool], done: dict, target: int, threshold: float
+                   ) -> dict[str, tuple[bool, int, list[int]]]:
+    """Per category, walking its pairs in render order: (satisfied, pairs in the prefix, indices of the first
+    ``target`` kept pairs). Satisfied: the first pairs up to the target-th kept one are all rendered, or the
+    category's pairs are exhausted. Depends only on the images, not on the order they were rendered in."""
+    out = {}
+    for cat, idx in df.groupby("category", sort=False).indices.items():
+        kept: list[int] = []
+        n, ok = 0, True
+        for i in idx:
+            if len(kept) >= target:
+                break
+            if not is_done[i]:
+                ok = False
+                break
+            n += 1
+            if _kept(done[df.at[i, "pair_id"]], threshold):
+                kept.append(int(i))
+        out[cat] = (ok, n, kept)
+    return out
+
+
+def _render_to_target(pipe, judge, df: pd.DataFrame, is_done: list[bool], done: dict, cfg: ImagesConfig,
+                      settings: dict, work: Path, state, on_batch) -> int:
+    """Render in rounds of ``world_size`` batches, each taken in render order from the categories not yet
+    satisfied, until every category has ``target`` kept pairs in its rendered prefix (or runs out). Returns the
+    number of pairs this process rendered."""
+    from accelerate.utils import gather_object
+    is_done = list(is_done)
+    rendered = 0
+    bs, world = cfg.batch_size, state.num_processes
+    with progress(total=cfg.target_kept_per_category * df["category"].nunique(), desc="kept pairs",
+                  disable=None if state.is_main_process else True) as bar:
+        while True:
+            status = _target_status(df, is_done, done, cfg.target_kept_per_category, cfg.judge_threshold)
+            bar.n = sum(len(k) for _, _, k in status.values())
+            bar.refresh()
+            todo = [i for i in range(len(df)) if not is_done[i] and not status[df.at[i, "category"]][0]]
+            if not todo:
+                return rendered
+            rnd = todo[:bs * world]
+            batches = [rnd[j:j + bs] for j in range(0, len(rnd), bs)]
+            mine = batches[state.process_index:state.process_index + 1]
+            own = _render_share(pipe, judge, df, mine, settings, work, state, on_batch, rendered)
+            rendered += len(own)
+            for r in ([r for part in gather_object([own]) for r in part] if world > 1 else own):
+                done[r["pair_id"]] = r
+            for i in rnd:
+                is_done[i] = True
 
 
 def use_cpu() -> bool:
@@ -267,7 +326,10 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
     if skipped and state.is_main_process:
         logger.info("resuming: %d of %d pairs already rendered in %s", skipped, n, work)
     t_gen = time.perf_counter()
-    rendered = _render_share(backbone.pipe, judge, df, mine, settings, work, state, on_batch)
+    if cfg.target_kept_per_category:
+        rendered = _render_to_target(backbone.pipe, judge, df, is_done, done, cfg, settings, work, state, on_batch)
+    else:
+        rendered = len(_render_share(backbone.pipe, judge, df, mine, settings, work, state, on_batch))
     gen_seconds = time.perf_counter() - t_gen
     # the slowest rank's time is the run's
     from accelerate.utils import gather_object
@@ -287,10 +349,20 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
 def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, backbone, settings: dict, key: dict,
               timing: dict) -> dict:
     done = read_done(work)
-    missing = [p for p, g in zip(df["pair_id"], df["_sig"]) if not _is_done(done.get(p), work, g)]
-    if missing:
-        raise SafealignError(f"{len(missing)} pair(s) have no valid images (e.g. {missing[0]!r}); a process failed "
-                             "or a file was damaged. Rerun the same command to finish them")
+    is_done = [_is_done(done.get(p), work, g) for p, g in zip(df["pair_id"], df["_sig"])]
+    target = cfg.target_kept_per_category
+    if target:  # only the rendered prefix of each category counts; the first `target` kept pairs are the dataset
+        status = _target_status(df, is_done, done, target, cfg.judge_threshold)
+        if not all(ok for ok, _, _ in status.values()):
+            raise SafealignError("some pairs have no valid images; a process failed or a file was damaged. Rerun "
+                                 "the same command to finish them")
+        chosen = {i for _, _, k in status.values() for i in k}
+        df = df[[is_done[i] for i in range(len(df))]]
+    else:
+        missing = [p for p, ok in zip(df["pair_id"], is_done) if not ok]
+        if missing:
+            raise SafealignError(f"{len(missing)} pair(s) have no valid images (e.g. {missing[0]!r}); a process "
+                                 "failed or a file was damaged. Rerun the same command to finish them")
     df = df.sort_values("_file_row").copy()
     for side in ("unsafe", "safe"):
         df[f"{side}_image"] = [done[p][f"{side}_image"] for p in df["pair_id"]]
@@ -302,18 +374,24 @@ def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, back
         keep = (df["judge_unsafe"] >= cfg.judge_threshold) & (df["judge_safe"] < cfg.judge_threshold)
         per_cat = {}
         for cat, sub in df.groupby("category", sort=False):
-            k = int(keep[sub.index].sum())
-            per_cat[cat] = {"generated": len(sub), "kept": k, "fraction": round(k / len(sub), 4)}
+            k, n = int(keep[sub.index].sum()), len(sub)
+            if target:  # the fraction over the pairs it took to reach the target (rendered beyond: not judged)
+                n, k = status[cat][1], len(status[cat][2])
+            per_cat[cat] = {"generated": n, "kept": k, "fraction": round(k / max(n, 1), 4)}
+        if target:
+            keep = pd.Series([i in chosen for i in df.index], index=df.index)
         judge_info = {"judge": cfg.judge, "threshold": cfg.judge_threshold, "kept_per_category": per_cat,
-                      "kept": int(keep.sum()), "generated": len(df)}
+                      "kept": int(keep.sum()), "generated": sum(v["generated"] for v in per_cat.values()),
+                      "target_per_category": target or None}
         if not keep.any():
             raise SafealignError(f"the judge {cfg.judge} kept no pair (it never flags the unsafe image and not the "
                                  "safe one); check the judge, the model and --judge-threshold")
+    need = max(cfg.min_kept_per_category, target)
     kept_per_cat = df[keep].groupby("category", sort=False).size().reindex(df["category"].unique(), fill_value=0)
-    short = {c: int(k) for c, k in kept_per_cat.items() if k < cfg.min_kept_per_category}
+    short = {c: int(k) for c, k in kept_per_cat.items() if k < need}
     if short:  # nothing is deleted: a rerun with more pairs reuses every image rendered so far
         raise SafealignError(
-            f"{len(short)} categor{'y' if len(short) == 1 else 'ies'} kept fewer than {cfg.min_kept_per_category} "
+            f"{len(short)} categor{'y' if len(short) == 1 else 'ies'} kept fewer than {need} "
             f"pairs ({', '.join(f'{c} {k}' for c, k in short.items())}); rerun with a larger "
             f"--max-pairs-per-category or more prompts: the {len(df)} pairs rendered in {work} are reused")
     dropped, df = df[~keep], df[keep]
