@@ -18,7 +18,7 @@ from .errors import SafealignError
 # modules that contribute subcommands: each has ``register(subparsers)`` setting ``func`` on its parsers
 _COMMAND_MODULES = ("safealign.world.cli", "safealign.data.cli", "safealign.train.cli", "safealign.merge.cli",
                     "safealign.evaluate.cli",
-                    "safealign.modular_cli", "safealign.lora_cli")
+                    "safealign.modular_cli", "safealign.run_cli", "safealign.lora_cli")
 
 
 class _Parser(argparse.ArgumentParser):

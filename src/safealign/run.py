@@ -1,0 +1,202 @@
+"""`safealign run CONFIG.yaml`: the whole method, stage by stage, resumable.
+
+prompts -> dataset -> experts (one per category) -> merge (Co-Merge) -> evaluate (base vs aligned)
+-> task data -> finetune (modular and sequential) -> evaluate the fine-tuned models -> summary.
+
+Each stage writes one artifact under ``output/`` and records a hash of its configuration (and of the stages it
+depends on) in ``output/run_state.json`` once the artifact is whole. A stage whose hash matches and whose artifact
+exists is skipped, so a killed run re-run continues where it stopped (training resumes from its checkpoints;
+image generation skips written pairs). ``--from STAGE`` redoes that stage and every later one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .artifacts import read_manifest, write_json_atomic
+from .config import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml, to_dict
+from .errors import SafealignError
+from .utils import logger, sha256_text
+
+STAGES = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "evaluate_finetune")
+SECTIONS = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune")
+TOP = ("model", "output", "seed", "categories")
+
+
+class Run:
+    def __init__(self, cfg: dict, source: str = "config"):
+        unknown = sorted(set(cfg) - set(TOP) - set(SECTIONS))
+        if unknown:
+            raise SafealignError(f"{source}: unknown section(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(TOP + SECTIONS)}")
+        if not cfg.get("output"):
+            raise SafealignError(f"{source}: 'output' (the run folder) is required")
+        self.cfg = cfg
+        self.model = str(cfg.get("model", "world"))
+        self.out = Path(cfg["output"])
+        self.seed = int(cfg.get("seed", 0))
+        self.categories = tuple(cfg.get("categories") or ())
+        self.state_file = self.out / "run_state.json"
+        self.state: dict[str, Any] = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.hashes: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def section(self, name: str) -> dict:
+        s = self.cfg.get(name) or {}
+        if not isinstance(s, dict):
+            raise SafealignError(f"section {name!r} must be a mapping of option: value")
+        return dict(s)
+
+    def stage_hash(self, name: str, deps: tuple[str, ...]) -> str:
+        payload = {"model": self.model, "seed": self.seed, "categories": self.categories,
+                   "section": self.section(name.replace("evaluate_finetune", "evaluate")),
+                   "deps": [self.hashes[d] for d in deps]}
+        return sha256_text(json.dumps(payload, sort_keys=True, default=str))[:16]
+
+    def done(self, name: str, h: str, artifact: Path) -> bool:
+        st = self.state.get(name) or {}
+        return st.get("hash") == h and artifact.exists()
+
+    def record(self, name: str, h: str, artifact: Path, seconds: float) -> None:
+        self.state[name] = {"hash": h, "artifact": str(artifact), "seconds": round(seconds, 1)}
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_file, self.state)
+
+    def stage(self, name: str, deps: tuple[str, ...], artifact: Path, fn: Callable[[], Any], redo: bool) -> None:
+        h = self.stage_hash(name, deps)
+        self.hashes[name] = h
+        if not redo and self.done(name, h, artifact):
+            print(f"[{name}] up to date ({artifact})", flush=True)
+            return
+        print(f"[{name}] running -> {artifact}", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        self.timings[name] = dt
+        self.record(name, h, artifact, dt)
+        print(f"[{name}] done in {dt:.0f} s", flush=True)
+
+
+def run(config_path: str, from_stage: str = "") -> Path:
+    cfg = load_yaml(config_path)
+    if from_stage and from_stage not in STAGES:
+        raise SafealignError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGES)}")
+    r = Run(cfg, source=str(config_path))
+    redo_from = STAGES.index(from_stage) if from_stage else len(STAGES)
+
+    def redo(name: str) -> bool:
+        return STAGES.index(name) >= redo_from
+
+    out = r.out
+    cats = r.categories
+    world = r.model == "world"
+
+    # 1. paired prompts
+    from .data.config import ImagesConfig, PromptsConfig
+    prompts_file = out / "prompts.parquet"
+
+    def do_prompts():
+        from .data.prompts import make_prompts
+        make_prompts(from_dict(PromptsConfig, {"model": r.model, "seed": r.seed, "categories": cats,
+                                               **r.section("prompts"), "output": str(prompts_file),
+                                               "overwrite": True}, source="prompts section"))
+    r.stage("prompts", (), prompts_file, do_prompts, redo("prompts"))
+
+    # 2. paired images (resumable: re-running skips pairs already rendered)
+    dataset = out / "dataset"
+
+    def do_dataset():
+        from .data.images import generate_images
+        generate_images(from_dict(ImagesConfig, {"model": r.model, "categories": cats, **r.section("dataset"),
+                                                 "prompts": str(prompts_file), "output": str(dataset),
+                                                 "overwrite": True}, source="dataset section"))
+    r.stage("dataset", ("prompts",), dataset, do_dataset, redo("dataset"))
+
+    # 3. one expert per category (each resumes from its checkpoints; finished ones are kept)
+    experts = out / "experts"
+
+    def do_experts():
+        from .data.dataset import PairedDataset
+        from .train.dpo import train_expert
+        base = {"model": r.model, "seed": r.seed, **r.section("experts"), "dataset": str(dataset),
+                "output": str(experts), "resume": True, "overwrite": True}
+        for c in (cats or tuple(PairedDataset(dataset).categories)):
+            ecfg = from_dict(ExpertConfig, {**base, "category": c}, source="experts section")
+            man = read_manifest(experts / c, "lora", required=False) if (experts / c).is_dir() else None
+            if man and man.get("config") == to_dict(ecfg):
+                continue
+            train_expert(ecfg)
+    r.stage("experts", ("dataset",), experts, do_experts, redo("experts"))
+
+    # 4. Co-Merge
+    safety = out / "safety"
+
+    def do_merge():
+        from .merge.run import run_merge
+        run_merge(from_dict(MergeConfig, {"model": r.model, "seed": r.seed, "dataset": str(dataset),
+                                          **r.section("merge"), "experts": (str(experts),),
+                                          "output": str(safety), "overwrite": True}, source="merge section"))
+    r.stage("merge", ("experts",), safety, do_merge, redo("merge"))
+
+    # 5. evaluate base vs aligned
+    from .evaluate.config import EvaluateConfig
+    report = out / "report"
+
+    def do_evaluate():
+        from .evaluate.run import evaluate
+        evaluate(from_dict(EvaluateConfig, {"model": r.model, "seed": r.seed, "categories": cats,
+                                            **r.section("evaluate"), "lora": (f"aligned={safety}",),
+                                            "output": str(report), "overwrite": True}, source="evaluate section"))
+    r.stage("evaluate", ("merge",), report, do_evaluate, redo("evaluate"))
+
+    # 6. benign task data (world: a new striped style; otherwise the section names a folder)
+    task_sec = r.section("task")
+    task = Path(task_sec["data"]) if task_sec.get("data") else out / "task-data"
+
+    def do_task():
+        if task_sec.get("data"):
+            return
+        if not world:
+            raise SafealignError("section 'task' needs 'data' (a captioned image folder) for a non-world model")
+        from .world.tasks import make_task_dataset
+        make_task_dataset(task, n=int(task_sec.get("images", 128)), seed=r.seed, overwrite=True)
+    r.stage("task", (), task, do_task, redo("task"))
+
+    # 7. fine-tune: modular (clean base) and sequential (safety fused) by default
+    ft = r.section("finetune")
+    modes = tuple(ft.pop("modes", ("modular", "sequential")))
+    tasks = {m: out / f"task-{m}" for m in modes}
+
+    def do_finetune():
+        from .train.finetune import finetune
+        for m, folder in tasks.items():
+            fcfg = from_dict(FinetuneConfig, {"model": r.model, "seed": r.seed, **ft, "mode": m, "data": str(task),
+                                              "safety": str(safety), "output": str(folder), "resume": True,
+                                              "overwrite": True}, source="finetune section")
+            man = read_manifest(folder, required=False) if folder.is_dir() else None
+            if man and man.get("config") == to_dict(fcfg):
+                continue
+            finetune(fcfg)
+    if not tasks:
+        raise SafealignError("finetune section: 'modes' is empty; use e.g. [modular, sequential]")
+    r.stage("finetune", ("merge", "task"), list(tasks.values())[-1], do_finetune, redo("finetune"))
+
+    # 8. evaluate aligned, aligned + each fine-tune (Modular LoRA: safety + task adapters; sequential: the task
+    #    LoRA on the safety-fused weights, i.e. safety + task as well, but the task was trained on the fused model)
+    report_ft = out / "report-finetune"
+
+    def do_eval_ft():
+        from .evaluate.run import evaluate
+        loras = [f"aligned={safety}"] + [f"{m}={safety}+{folder}" for m, folder in tasks.items()
+                                         if m != "full"]
+        evaluate(from_dict(EvaluateConfig, {"model": r.model, "seed": r.seed, "categories": cats,
+                                            **r.section("evaluate"), "lora": tuple(loras), "output": str(report_ft),
+                                            "overwrite": True}, source="evaluate section"))
+    r.stage("evaluate_finetune", ("evaluate", "finetune"), report_ft, do_eval_ft, redo("evaluate_finetune"))
+
+    summary = {"config": cfg, "stages": r.state, "timings_this_run": r.timings}
+    write_json_atomic(out / "run.json", summary)
+    return out

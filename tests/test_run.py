@@ -1,0 +1,82 @@
+"""`safealign run`: the whole flow on a tiny pipeline; resumable; a run killed midway ends with the same numbers."""
+
+import json
+
+import pytest
+
+from safealign import cli
+from safealign.world.tasks import make_task_dataset
+
+
+@pytest.fixture()
+def run_config(tmp_path, tiny_paths):
+    (tmp_path / "p.csv").write_text("prompt,category\na knife,violence\na skull,shocking\n")
+    make_task_dataset(tmp_path / "task", n=8)
+    y = tmp_path / "run.yaml"
+
+    def write(out):
+        y.write_text(f"""
+model: {tiny_paths['sd1']}
+output: {out}
+seed: 0
+categories: [violence, shocking]
+prompts: {{taxonomy: {cli.__file__.rsplit('/src/', 1)[0]}/configs/taxonomy_example.yaml, pairs_per_concept: 4}}
+dataset: {{steps: 2}}
+experts: {{max_steps: 6, beta: 2000, learning_rate: 1.0e-3, checkpoint_every: 2, cache_dir: {tmp_path / 'cache'}}}
+merge: {{timesteps: 1, cache_dir: {tmp_path / 'cache'}}}
+evaluate: {{prompts: {tmp_path / 'p.csv'}, steps: 2, bootstrap: 50, fid_features: none}}
+task: {{data: {tmp_path / 'task'}}}
+finetune: {{max_steps: 4, cache_dir: {tmp_path / 'cache'}}}
+""")
+        return y
+    return write
+
+
+def _numbers(out):
+    r = json.loads((out / "report-finetune" / "report.json").read_text())
+    return json.dumps(r["results"], sort_keys=True)
+
+
+def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, monkeypatch):
+    ref = tmp_path / "ref"
+    assert cli.main(["--no-progress", "run", str(run_config(ref))]) == 0
+    assert (ref / "report" / "index.html").is_file() and (ref / "report-finetune" / "index.html").is_file()
+    state = json.loads((ref / "run_state.json").read_text())
+    assert list(state) == ["prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune",
+                           "evaluate_finetune"]
+    capsys.readouterr()
+    assert cli.main(["--no-progress", "run", str(run_config(ref))]) == 0  # everything up to date
+    assert capsys.readouterr().out.count("up to date") == 8
+
+    # interrupted in the middle of the second expert, then re-run
+    from safealign.train import dpo
+    real = dpo.diffusion_dpo_loss
+    calls = {"n": 0}
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(dpo, "diffusion_dpo_loss", crash)
+    again = tmp_path / "again"
+    assert cli.main(["--no-progress", "run", str(run_config(again))]) == 130  # interrupted
+    assert calls["n"] >= 10
+    monkeypatch.setattr(dpo, "diffusion_dpo_loss", real)
+    assert cli.main(["--no-progress", "run", str(run_config(again))]) == 0
+    assert _numbers(again) == _numbers(ref)
+    # --from redoes a stage and everything after it
+    capsys.readouterr()
+    assert cli.main(["--no-progress", "run", str(run_config(again)), "--from", "merge"]) == 0
+    assert capsys.readouterr().out.count("up to date") == 3  # prompts, dataset, experts
+    assert _numbers(again) == _numbers(ref)
+
+
+def test_run_bad_config(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("output: x\nbogus: {}\n")
+    assert cli.main(["run", str(y)]) == 2
+    y.write_text("model: world\n")
+    assert cli.main(["run", str(y)]) == 2
+    y.write_text("output: x\n")
+    assert cli.main(["run", str(y), "--from", "nope"]) == 2
