@@ -93,4 +93,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler; faulthandler.dump_traceback_later(90, exit=True)
     sys.exit(main())

@@ -80,3 +80,20 @@ def test_run_bad_config(tmp_path):
     assert cli.main(["run", str(y)]) == 2
     y.write_text("output: x\n")
     assert cli.main(["run", str(y), "--from", "nope"]) == 2
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from safealign.config import load_yaml
+    from safealign.run import Run, check_sections
+    root = Path(cli.__file__).resolve().parents[2] / "configs"
+    for name in ("world.yaml", "sd15.yaml", "sdxl.yaml"):
+        cfg = load_yaml(root / name)
+        check_sections(cfg, name)
+        Run(cfg, name)
+    import yaml
+    bad = yaml.safe_load((root / "world.yaml").read_text())
+    bad["experts"]["lerning_rate"] = 1
+    with pytest.raises(Exception, match="lerning_rate"):
+        check_sections(bad, "x")

@@ -80,8 +80,28 @@ class Run:
         print(f"[{name}] done in {dt:.0f} s", flush=True)
 
 
+def check_sections(cfg: dict, source: str) -> None:
+    """Unknown options in any section fail now, not after hours of earlier stages."""
+    import dataclasses
+
+    from .data.config import ImagesConfig, PromptsConfig
+    from .evaluate.config import EvaluateConfig
+    classes = {"prompts": PromptsConfig, "dataset": ImagesConfig, "experts": ExpertConfig, "merge": MergeConfig,
+               "evaluate": EvaluateConfig, "finetune": FinetuneConfig}
+    extra_keys = {"finetune": {"modes"}, "task": {"data", "images"}}
+    for name in SECTIONS:
+        sec = cfg.get(name) or {}
+        if not isinstance(sec, dict):
+            raise SafealignError(f"{source}: section {name!r} must be a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(classes[name])} if name in classes else set()
+        bad = sorted(set(sec) - known - extra_keys.get(name, set()))
+        if bad:
+            raise SafealignError(f"{source}: section {name!r} has unknown option(s) {', '.join(bad)}")
+
+
 def run(config_path: str, from_stage: str = "") -> Path:
     cfg = load_yaml(config_path)
+    check_sections(cfg, str(config_path))
     if from_stage and from_stage not in STAGES:
         raise SafealignError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGES)}")
     r = Run(cfg, source=str(config_path))
