@@ -93,5 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import faulthandler; faulthandler.dump_traceback_later(90, exit=True)
     sys.exit(main())

@@ -16,7 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m safealign.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo-out", help="where the demo writes (replaced on each run)")
     ap.add_argument("--steps", type=int, default=200, help="DPO steps per expert")
+    ap.add_argument("--world", action="store_true", help="run configs/world.yaml on the mini world instead")
     a = ap.parse_args(argv)
+    if a.world:
+        from .run import run
+        t0 = time.perf_counter()
+        out = run(str(Path(__file__).resolve().parents[2] / "configs" / "world.yaml"))
+        print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: {out / 'report' / 'index.html'}, "
+              f"{out / 'report-finetune' / 'index.html'}")
+        return 0
     import shutil
 
     import torch
