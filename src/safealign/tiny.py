@@ -15,9 +15,13 @@ SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
 def make_clip_tokenizer(words: Iterable[str], model_max_length: int = 16):
-    """A CLIPTokenizer whose BPE knows ``words`` as single tokens; other words fall back to letters.
+    """A CLIPTokenizer in which every word of ``words`` is exactly one token (other words fall back to letters).
 
-    transformers 5 builds it from memory as ``CLIPTokenizer(vocab=dict, merges=list_of_tuples, ...)``.
+    transformers 5 builds it from memory as ``CLIPTokenizer(vocab=dict, merges=list_of_tuples, ...)``
+    (``vocab_file=`` is silently ignored). BPE merges greedily by rank, so one merge path per word is not enough:
+    a pair from another word (the "ac" of "activity" inside "background") can fire first and strand the word in
+    pieces. Here every contiguous piece of a word is a token and every split of a piece into two pieces is a merge,
+    so whatever order the merges fire in, a known word always ends as one token.
     """
     from transformers import CLIPTokenizer
 
@@ -31,21 +35,23 @@ def make_clip_tokenizer(words: Iterable[str], model_max_length: int = 16):
         add(c)
         add(c + "</w>")
     merges: list[tuple[str, str]] = []
-    seen = set()
+    seen: set[tuple[str, str]] = set()
+    allowed = set(string.ascii_lowercase + string.digits + "-")
     for w in sorted({w.lower() for w in words}):
-        if len(w) < 2 or not all(c in string.ascii_lowercase + string.digits + "-" for c in w):
+        if not w or not set(w) <= allowed:
             continue
-        cur = w[0]
-        for i, c in enumerate(w[1:], start=1):
-            right = c + ("</w>" if i == len(w) - 1 else "")
-            pair = (cur, right)
-            cur = cur + right
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            add(cur)
-    for s in SPECIAL:
-        add(s)
+        sym = list(w[:-1]) + [w[-1] + "</w>"]  # CLIP marks the end of a word on its last symbol
+        n = len(sym)
+        for length in range(2, n + 1):  # shorter pieces first: their merges rank before longer ones
+            for i in range(n - length + 1):
+                for k in range(i + 1, i + length):
+                    pair = ("".join(sym[i:k]), "".join(sym[k:i + length]))
+                    if pair not in seen:
+                        seen.add(pair)
+                        merges.append(pair)
+                add("".join(sym[i:i + length]))
+    for s_ in SPECIAL:
+        add(s_)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
                          bos_token=SPECIAL[0], eos_token=SPECIAL[1], pad_token=SPECIAL[1], unk_token=SPECIAL[1])
 

@@ -29,43 +29,9 @@ DEFAULT_GUIDANCE = 4.0
 
 
 def make_tokenizer(words: Sequence[str] | None = None):
-    """A CLIPTokenizer in which every world word is exactly one token (other words fall back to letters).
-
-    BPE merges greedily by rank, so a single merge path per word is not enough: a pair from another word (the
-    "ac" of "activity" inside "background") can fire first and strand the word in pieces. Here every contiguous
-    piece of a world word is a token and every split of a piece into two pieces is a merge, so whatever order the
-    merges fire in, a world word always ends as one token. (Pieces cost a few thousand embedding rows.)
-    """
-    import string
-
-    from transformers import CLIPTokenizer
-
-    from ..tiny import SPECIAL
-    vocab: dict[str, int] = {}
-
-    def add(tok: str) -> None:
-        if tok not in vocab:
-            vocab[tok] = len(vocab)
-    for c in string.ascii_lowercase + string.digits + "-',.":
-        add(c)
-        add(c + "</w>")
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for w in sorted(set(words if words is not None else vocabulary())):
-        sym = list(w[:-1]) + [w[-1] + "</w>"]  # CLIP marks the end of a word on its last symbol
-        n = len(sym)
-        for length in range(2, n + 1):  # shorter pieces first: their merges rank before longer ones
-            for i in range(n - length + 1):
-                for k in range(i + 1, i + length):
-                    pair = ("".join(sym[i:k]), "".join(sym[k:i + length]))
-                    if pair not in seen:
-                        seen.add(pair)
-                        merges.append(pair)
-                add("".join(sym[i:i + length]))
-    for s in SPECIAL:
-        add(s)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS, bos_token=SPECIAL[0],
-                         eos_token=SPECIAL[1], pad_token=SPECIAL[1], unk_token=SPECIAL[1])
+    """A CLIPTokenizer in which every world word is exactly one token (see :func:`safealign.tiny.make_clip_tokenizer`)."""
+    from ..tiny import make_clip_tokenizer
+    return make_clip_tokenizer(words if words is not None else vocabulary(), MAX_TOKENS)
 
 
 def make_text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, layers: int = 2):
