@@ -222,7 +222,9 @@ def test_yaml_config_and_flags(tiny_paths, toy_dataset, cache_dir, tmp_path):
 def test_accelerate_two_cpu_processes(tiny_paths, toy_dataset, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "SAFEALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    # accelerate's --cpu launcher starts ONE process; --multi_gpu starts two, which join over gloo on a CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safealign.cli", "train", "expert",
            "--model", str(tiny_paths["sd1"]), "--dataset", str(toy_dataset), "--category", "violence",
            "--output", str(out), "--max-steps", "4", "--cache-dir", str(tmp_path / "cache"), "--checkpoint-every", "2"]
@@ -230,7 +232,7 @@ def test_accelerate_two_cpu_processes(tiny_paths, toy_dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     sd, _ = _weights(out / "violence")
     assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)
-    from safealign.tiny import build_tiny_pipeline  # noqa: F401 - loadable by diffusers
+    assert json.loads((out / "violence" / "safealign.json").read_text())["metrics"]["num_processes"] == 2
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_paths["sd1"], safety_checker=None)
     pipe.load_lora_weights(out / "violence")

@@ -119,7 +119,8 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerato
     for _, pairs in plans:  # every image decodes before anything is written
         ds.verify_images(pairs)
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+        # without CUDA, processes started by `accelerate launch --multi_gpu` join up over gloo only with cpu=True
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   log_with=cfg.log_with or None,
                                   project_dir=str(Path(cfg.output) / "logs") if cfg.log_with else None)
@@ -184,6 +185,7 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         metrics = {f"train/{k}": v for k, v in result.final_metrics.items()}
         metrics.update(implicit_accuracy(backbone, unet, enc_held, cfg.beta) if enc_held is not None else {})
         metrics.update({"steps_per_s": result.steps_per_s, "train_seconds": result.seconds,
+                        "num_processes": accelerator.num_processes,
                         "best_step": result.best_step, "pairs": n})
         sd = lora_state_dict(unet, ADAPTER)
         if accelerator.is_main_process:

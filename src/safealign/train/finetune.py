@@ -109,7 +109,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=
     final = check_output_free(cfg.output, cfg.overwrite)
     items = read_captioned(cfg.data)
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if backbone is None:
         backbone = load_backbone(cfg.model, device=accelerator.device)
