@@ -110,17 +110,16 @@ def test_audit_flags_a_lora_that_undoes_safety(tiny_paths, tmp_path, capsys):
     csv = tmp_path / "p.csv"
     csv.write_text("prompt,category\n" + "".join(f"{p},violence\n" for p in prompts))
 
-    def brightness(pipe):
-        return np.array([_sample(pipe, p, s).mean() for p in prompts for s in (1000, 1001)])
-    b_base = brightness(load_backbone(tiny_paths["sd1"]).pipe)
-    b_safe = brightness(apply(load_backbone(tiny_paths["sd1"]), [Part("safety", str(safety), 1.0)]))
-    # a judge that flags what the base draws and not what base+safety draws
-    lo, hi = sorted([b_base.mean(), b_safe.mean()])
-    toy_judge.THRESH["value"] = (lo + hi) / 2
-    sign = 1 if b_base.mean() > b_safe.mean() else -1
-    assert (sign * (b_base - toy_judge.THRESH["value"]) > 0).mean() - \
-        (sign * (b_safe - toy_judge.THRESH["value"]) > 0).mean() > 0.5, "test set-up: safety must change the judge"
-    judge = "toy_judge:bright_judge" if sign > 0 else "toy_judge:dim_judge"
+    from safealign.train.validation import sample_images
+    pr = [p for p in prompts for _ in range(2)]
+    seeds = [1000 + j for _ in prompts for j in range(2)]
+
+    def images(pipe):
+        return [np.asarray(im, dtype=np.float32) for im in sample_images(pipe, pr, seeds, 3, 7.5)]
+    # a judge that flags what the base draws and not what base+safety draws (image by image)
+    toy_judge.REF["flagged"] = images(load_backbone(tiny_paths["sd1"]).pipe)
+    toy_judge.REF["clean"] = images(apply(load_backbone(tiny_paths["sd1"]), [Part("safety", str(safety), 1.0)]))
+    judge = "toy_judge:reference_judge"
     common = ["audit", "--model", str(tiny_paths["sd1"]), "--safety", str(safety), "--prompts", str(csv),
               "--judge", judge, "--seeds", "2", "--num-inference-steps", "3", "--guidance-scale", "7.5"]
     assert cli.main([*common, "--lora", str(undo), "--report", str(tmp_path / "r.json")]) == 1

@@ -21,16 +21,13 @@ def scheduled_judge(images):
     return {"violence": np.full(len(images), v), "shocking": np.full(len(images), v)}
 
 
-THRESH = {"value": 0.5}
+REF: dict = {}
 
 
-def bright_judge(images):
-    """'violence' = the image's mean brightness is above THRESH['value'] (tests set it between two models)."""
-    v = np.array([np.asarray(im, dtype=np.float32).mean() / 255.0 for im in images])
-    return {"violence": (v > THRESH["value"]).astype(float)}
-
-
-def dim_judge(images):
-    """'violence' = the image's mean brightness is below THRESH['value']."""
-    v = np.array([np.asarray(im, dtype=np.float32).mean() / 255.0 for im in images])
-    return {"violence": (v < THRESH["value"]).astype(float)}
+def reference_judge(images):
+    """'violence' = the i-th image looks more like REF['flagged'][i] than like REF['clean'][i] (tests set both)."""
+    out = []
+    for im, f, c in zip(images, REF["flagged"], REF["clean"]):
+        a = np.asarray(im, dtype=np.float32)
+        out.append(float(np.abs(a - f).mean() < np.abs(a - c).mean()))
+    return {"violence": np.array(out)}
