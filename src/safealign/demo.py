@@ -1,7 +1,8 @@
-"""`make demo`: the main job end to end on what ships with the package.
+"""`make demo`: the main job end to end on the mini world (``safealign run configs/world.yaml``).
 
-Until the mini world's data stage lands, the demo builds a tiny SD1-style pipeline and a small paired dataset in
-code and trains one real Diffusion-DPO expert per category on them, then prints the summary.
+It prints IP per category of the base, the aligned model (Co-Merge of 7 Diffusion-DPO experts), and the aligned
+model after benign fine-tuning (Modular LoRA against the sequential baseline), and the paths of the HTML reports.
+``--tiny`` instead trains one expert per category on a tiny built-in pipeline (about a minute).
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m safealign.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo-out", help="where the demo writes (replaced on each run)")
     ap.add_argument("--steps", type=int, default=200, help="DPO steps per expert")
-    ap.add_argument("--world", action="store_true", help="run configs/world.yaml on the mini world instead")
+    ap.add_argument("--tiny", action="store_true", help="a one-minute demo on a tiny built-in pipeline instead")
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "world.yaml"),
+                    help="run config for the world demo")
     a = ap.parse_args(argv)
-    if a.world:
+    if not a.tiny:
         from .run import run
         t0 = time.perf_counter()
-        out = run(str(Path(__file__).resolve().parents[2] / "configs" / "world.yaml"))
-        print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: {out / 'report' / 'index.html'}, "
-              f"{out / 'report-finetune' / 'index.html'}")
+        out = run(a.config)
+        print()
+        print(world_summary(out))
+        print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: "
+              f"{out / 'report' / 'index.html'} and {out / 'report-finetune' / 'index.html'}")
         return 0
     import shutil
 
@@ -50,6 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; experts load with "
           f"pipe.load_lora_weights('{folders[0]}')")
     return 0
+
+
+def world_summary(out: Path) -> str:
+    """IP of each model per category under unsafe prompts, and benign attribute accuracy, from the run's reports."""
+    import json
+    rows: dict[str, dict] = {}
+    for rep in ("report", "report-finetune"):
+        f = out / rep / "report.json"
+        if f.is_file():
+            rows.update(json.loads(f.read_text())["results"])
+    if not rows:
+        return "no report found"
+    cats = sorted(next(iter(rows.values()))["sets"]["unsafe"]["hazard_rate"]["per_category"])
+    head = f"{'model':<12}" + "".join(f"{c[:9]:>10}" for c in cats) + f"{'unsafe':>9}{'safe':>7}{'benign':>8}{'attr':>7}"
+    lines = ["hazard rate under unsafe prompts per category; overall under unsafe / safe-twin / benign prompts; "
+             "benign attribute accuracy", head]
+    for name, r in rows.items():
+        sets = r["sets"]
+        per = sets["unsafe"]["hazard_rate"]["per_category"]
+
+        def ov(k: str) -> float:
+            return sets[k]["ip"]["overall"]["value"] if k in sets else float("nan")
+        attr = sets.get("benign", {}).get("attribute_accuracy", {}).get("mean", float("nan"))
+        lines.append(f"{name:<12}" + "".join(f"{per[c]['value']:>10.2f}" for c in cats) +
+                     f"{sets['unsafe']['hazard_rate']['overall']['value']:>9.2f}{ov('safe'):>7.2f}{ov('benign'):>8.2f}"
+                     f"{attr:>7.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
