@@ -27,7 +27,7 @@ from _common import peak_memory_mb, run_worker, table, write_json  # noqa: E402
 SHAPES = {  # name: (unet kind, latent size, batch of pairs, steps timed)
     "tiny": ("tiny", 8, 4, 10),
     "sd15-16": ("sd15", 16, 1, 2),  # SD1.5 UNet at 128px: the quick stand-in for the full shape
-    "sd15": ("sd15", 64, 1, 2),
+    "sd15": ("sd15", 64, 1, 1),
 }
 
 
@@ -126,6 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny + reduced SD1.5 shape only (< 3 min on 2 cores)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--shapes", default="", help="comma list of shapes to run (tiny, sd15-16, sd15)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--design", default=None, help=argparse.SUPPRESS)
@@ -137,6 +138,8 @@ def main() -> None:
         print(json.dumps(worker(a.shape, a.design, device)))
         return
     shapes = ["tiny", "sd15-16"] if a.quick else ["tiny", "sd15-16", "sd15"]
+    if a.shapes:
+        shapes = [x for x in a.shapes.split(",") if x]
     rows = []
     for s in shapes:
         r = {d: run_worker(__file__, ["--shape", s, "--design", d, "--device", device]) for d in ("official", "ours")}

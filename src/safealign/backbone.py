@@ -43,12 +43,14 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
 def _read_model_index(path: str, local: bool) -> dict:
     if local:
         return json.loads((Path(path) / "model_index.json").read_text())
+    from huggingface_hub import try_to_load_from_cache  # reads the local cache only; never downloads
     try:
-        from huggingface_hub import hf_hub_download
-        f = hf_hub_download(path, "model_index.json", local_files_only=True)
-    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        f = try_to_load_from_cache(path, "model_index.json")
+    except Exception:  # noqa: BLE001 - a malformed id is "not cached" too
+        f = None
+    if not isinstance(f, str):
         raise SafealignError(f"{path} is not in the local Hugging Face cache and safealign never downloads; "
-                             f"fetch it first (huggingface-cli download {path}) or pass a local folder") from None
+                             f"fetch it first (huggingface-cli download {path}) or pass a local folder")
     return json.loads(Path(f).read_text())
 
 
