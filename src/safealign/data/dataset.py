@@ -37,6 +37,23 @@ def _check_relative(rel: str, folder: Path) -> Path:
     return folder / Path(*p.parts)
 
 
+def read_pairs_table(path: Path, columns: tuple[str, ...] | list[str], empty: str) -> pd.DataFrame:
+    """A parquet table of pairs: readable, with ``columns``, not empty, unique pair ids (else one-line errors)."""
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types
+        raise SafealignError(f"{path} is not a readable parquet file ({type(e).__name__})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SafealignError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+    if df.empty:
+        raise SafealignError(f"{path} has no rows; {empty}")
+    if df["pair_id"].duplicated().any():
+        dup = df.loc[df["pair_id"].duplicated(), "pair_id"].iloc[0]
+        raise SafealignError(f"{path} repeats pair_id {dup!r}; pair ids must be unique")
+    return df
+
+
 @dataclass
 class Pair:
     pair_id: str
@@ -62,18 +79,7 @@ class PairedDataset:
         if not table.is_file():
             raise SafealignError(f"dataset folder {self.folder} has no {PAIRS_FILE}; it is empty or not a "
                                  "safealign dataset")
-        try:
-            df = pd.read_parquet(table)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-            raise SafealignError(f"{table} is not a readable parquet file ({type(e).__name__})") from None
-        missing = [c for c in COLUMNS if c not in df.columns]
-        if missing:
-            raise SafealignError(f"{table} lacks column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
-        if len(df) == 0:
-            raise SafealignError(f"{table} has no rows; the dataset is empty")
-        if df["pair_id"].duplicated().any():
-            dup = df.loc[df["pair_id"].duplicated(), "pair_id"].iloc[0]
-            raise SafealignError(f"{table} repeats pair_id {dup!r}; pair ids must be unique")
+        df = read_pairs_table(table, COLUMNS, "the dataset is empty")
         for col in ("unsafe_image", "safe_image"):
             for rel in df[col]:
                 _check_relative(rel, self.folder)

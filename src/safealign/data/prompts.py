@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..errors import SafealignError
 from ..utils import derive_seed, logger, progress
+from .dataset import read_pairs_table
 from .config import PromptsConfig
 from .llm import Completer, LocalLM, OpenAIChat, pair_request, parse_pairs
 from .splits import assign_splits, check_no_leakage, normalise_prompt
@@ -299,18 +300,7 @@ def read_prompts(path: str | os.PathLike) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise SafealignError(f"prompts file {p} does not exist; write one with `safealign data prompts`")
-    try:
-        df = pd.read_parquet(p)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-        raise SafealignError(f"{p} is not a readable parquet file ({type(e).__name__})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise SafealignError(f"{p} lacks column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
-    if df.empty:
-        raise SafealignError(f"{p} has no rows; there is nothing to generate")
-    if df["pair_id"].duplicated().any():
-        dup = df.loc[df["pair_id"].duplicated(), "pair_id"].iloc[0]
-        raise SafealignError(f"{p} repeats pair_id {dup!r}; pair ids must be unique")
+    df = read_pairs_table(p, REQUIRED_COLUMNS, "there is nothing to generate")
     bad = [x for x in df["pair_id"].astype(str) if not _PAIR_ID.match(x)]
     if bad:
         raise SafealignError(f"{p}: pair_id {bad[0]!r} is not a safe file name (letters, digits, '.', '_', '-')")
