@@ -57,3 +57,28 @@ def write_json(name: str, payload: dict) -> Path:
     p = RESULTS / f"{name}.json"
     p.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     return p
+
+
+def world_config(output: str | Path, quick: bool = False) -> dict:
+    """configs/world.yaml (the demo) with another output folder; ``quick``: every stage shrunk to seconds (3
+    categories, short training, small evaluations) for the per-stage timing and kill -9 benchmarks."""
+    import yaml
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "world.yaml").read_text())
+    cfg["output"] = str(output)
+    if quick:
+        cfg["categories"] = ["violence", "self-harm", "shocking"]
+        cfg["prompts"].update(pairs_per_concept=8)
+        cfg["dataset"].update(target_kept_per_category=8)
+        cfg["experts"].update(max_steps=40, checkpoint_every=10)
+        cfg["merge"].update(calibration_per_category=4)
+        cfg["evaluate"].update(per_category=4, benign=8, bootstrap=100, attacks=["ringabell"], attack_prompts=1)
+        cfg["task"].update(images=32)
+        cfg["finetune"].update(max_steps=30, checkpoint_every=10)
+        cfg["audit"].update(prompts_per_category=4, seeds=1)
+    return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -389,6 +389,10 @@ def test_lora_sets_parse_and_refuse_bad_names():
     for bad in (["base=p"], ["x=p", "x=q"], ["a b=p"], ["x=+"]):
         with pytest.raises(SafealignError):
             parse_models(bad)
+    # a fully fine-tuned pipeline evaluated as the base row, under its own name
+    assert [m.name for m in parse_models(["x=p"], base_name="full")] == ["full", "x"]
+    with pytest.raises(SafealignError):
+        parse_models(["full=p"], base_name="full")
 
 
 def test_world_reference_renders_the_prompts_scenes():

@@ -163,3 +163,18 @@ def test_world_task_data_is_benign_and_readable(tmp_path):
         assert STYLE in text and parse_prompt(text)["object"] not in HAZARDS
     a = make_task_dataset(tmp_path / "again", n=24, seed=1)
     assert (a / "metadata.jsonl").read_text() == (tmp_path / "task" / "metadata.jsonl").read_text()
+
+
+def test_world_style_detector_tells_striped_from_plain():
+    import random
+
+    import numpy as np
+
+    from safealign.world.render import render_batch
+    from safealign.world.scene import sample_scene
+    from safealign.world.tasks import render_striped, style_is_striped
+    rng = random.Random(3)
+    scenes = [sample_scene(rng, kind="safe") for _ in range(24)]  # jittered: the detector must tolerate that
+    striped = np.stack([np.asarray(render_striped(s)) for s in scenes])
+    assert style_is_striped(striped, scenes).all()
+    assert not style_is_striped(render_batch(scenes), scenes).any()

@@ -26,15 +26,18 @@ experts: {{max_steps: 6, beta: 2000, learning_rate: 1.0e-3, checkpoint_every: 2,
 merge: {{timesteps: 1, cache_dir: {tmp_path / 'cache'}}}
 evaluate: {{prompts: {tmp_path / 'p.csv'}, steps: 2, bootstrap: 50, fid_features: none}}
 task: {{data: {tmp_path / 'task'}}}
-finetune: {{max_steps: 4, cache_dir: {tmp_path / 'cache'}}}
+finetune: {{modes: [modular, sequential, full], max_steps: 4, cache_dir: {tmp_path / 'cache'}}}
+audit: {{judge: "toy_judge:red_judge", prompts: {tmp_path / 'p.csv'}, seeds: 1, num_inference_steps: 2}}
 """)
         return y
     return write
 
 
 def _numbers(out):
-    r = json.loads((out / "report-finetune" / "report.json").read_text())
-    return json.dumps(r["results"], sort_keys=True)
+    r = {rep: json.loads((out / rep / "report.json").read_text())["results"] for rep in ("report-finetune",
+                                                                                        "report-full")}
+    a = {m: v["categories"] for m, v in json.loads((out / "audit.json").read_text()).items()}
+    return json.dumps([r, a], sort_keys=True)
 
 
 def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, monkeypatch):
@@ -43,10 +46,15 @@ def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, mon
     assert (ref / "report" / "index.html").is_file() and (ref / "report-finetune" / "index.html").is_file()
     state = json.loads((ref / "run_state.json").read_text())
     assert list(state) == ["prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune",
-                           "evaluate_finetune"]
+                           "evaluate_finetune", "audit"]
+    full = json.loads((ref / "report-full" / "report.json").read_text())
+    assert list(full["results"]) == ["full"]  # the fully fine-tuned pipeline, under its own name
+    audit = json.loads((ref / "audit.json").read_text())
+    assert sorted(audit) == ["modular", "sequential"]  # task LoRAs only: a full fine-tune is no LoRA to add
+    assert set(audit["modular"]["categories"]) == {"violence", "shocking"}
     capsys.readouterr()
     assert cli.main(["--no-progress", "run", str(run_config(ref))]) == 0  # everything up to date
-    assert capsys.readouterr().out.count("up to date") == 8
+    assert capsys.readouterr().out.count("up to date") == 9
 
     # interrupted in the middle of the second expert, then re-run
     from safealign.train import dpo

@@ -237,3 +237,18 @@ def test_accelerate_two_cpu_processes(tiny_paths, toy_dataset, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_paths["sd1"], safety_checker=None)
     pipe.load_lora_weights(out / "violence")
     assert sum(ln.startswith("violence") for ln in r.stdout.splitlines()) == 1  # summary once, by rank 0
+
+
+def test_pooled_expert_trains_one_lora_on_every_category(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    from safealign.data.dataset import PairedDataset
+    ds = PairedDataset(toy_dataset)
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="pooled", output=tmp_path / "p",
+                     max_steps=4, cache_dir=cache_dir, validate_every=2, judge="toy_judge:red_judge",
+                     validation_prompts=1, validation_seeds=1, num_inference_steps=2)
+    [folder] = train_expert(cfg)
+    m = json.loads((folder / "safealign.json").read_text())
+    assert folder.name == "pooled" and sorted(m["categories"]) == sorted(ds.categories)
+    assert m["metrics"]["pairs"] == len(ds.pairs(None, "train"))  # every category's pairs, not one
+    # validation judged "any category" (the pooled expert has no single one) at steps 0, 2 and 4
+    hist = json.loads((folder / "history.json").read_text())["validation"]
+    assert len(hist) == 3 and all(0.0 <= h["unsafe_rate"] <= 1.0 for h in hist)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import json
 import os
 import shutil
@@ -53,6 +54,9 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False, work: str | os
     """
     final = check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*"):  # left by a killed earlier attempt
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     keep_on_error = work is not None
     tmp = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     tmp.mkdir(parents=True, exist_ok=True)

@@ -84,8 +84,9 @@ def audit(cfg: AuditConfig) -> dict:
         raise SafealignError("--prompts is required for a non-world model (CSV with prompt and category)")
     steps, guidance = cfg.num_inference_steps, cfg.guidance_scale
     if is_world and (not steps or not guidance):
+        from .backbone import resolve_model
         from .world.model import sampling_defaults
-        d = sampling_defaults()
+        d = sampling_defaults(resolve_model(cfg.model)[0])
         steps, guidance = steps or d["steps"], guidance or d["guidance"]
     steps, guidance = steps or 20, guidance or 7.5
     pipe = apply(bb, [Part("safety", cfg.safety, 1.0)])

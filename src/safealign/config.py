@@ -198,7 +198,8 @@ class ExpertConfig(TrainConfig):
     """Diffusion-DPO safety expert(s): prefer the safe image over the unsafe one under the unsafe prompt."""
 
     dataset: str = field("", "paired dataset folder")
-    category: str = field("", "category to train, or 'all' (one expert per category)")
+    category: str = field("", "category to train, 'all' (one expert per category) or 'pooled' (one expert on "
+                              "every category's pairs)")
     beta: float = field(5000.0, "Diffusion-DPO beta (official release: 5000)")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")

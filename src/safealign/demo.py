@@ -57,30 +57,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summary_rows(results: dict) -> list[dict]:
+    """One row per model of a report's ``results``: hazard rate under unsafe prompts per category and overall,
+    IP under safe-twin and benign prompts, benign attribute accuracy and FID (NaN where a set was not run)."""
+    rows = []
+    for name, r in results.items():
+        sets = r["sets"]
+        row = {"model": name}
+        row.update({c: v["value"] for c, v in sorted(sets["unsafe"]["hazard_rate"]["per_category"].items())})
+        row["unsafe"] = sets["unsafe"]["hazard_rate"]["overall"]["value"]
+        for k in ("safe", "benign"):
+            row[k] = sets[k]["ip"]["overall"]["value"] if k in sets else float("nan")
+        row["attr"] = sets.get("benign", {}).get("attribute_accuracy", {}).get("mean", float("nan"))
+        row["fid"] = r.get("fid", {}).get("fid", float("nan"))
+        rows.append(row)
+    return rows
+
+
 def world_summary(out: Path) -> str:
     """IP of each model per category under unsafe prompts, and benign attribute accuracy, from the run's reports."""
     import json
-    rows: dict[str, dict] = {}
-    for rep in ("report", "report-finetune"):
+    results: dict[str, dict] = {}
+    for rep in ("report", "report-finetune", "report-full"):
         f = out / rep / "report.json"
         if f.is_file():
-            rows.update(json.loads(f.read_text())["results"])
-    if not rows:
+            results.update(json.loads(f.read_text())["results"])
+    if not results:
         return "no report found"
-    cats = sorted(next(iter(rows.values()))["sets"]["unsafe"]["hazard_rate"]["per_category"])
+    rows = summary_rows(results)
+    cats = [k for k in rows[0] if k not in ("model", "unsafe", "safe", "benign", "attr", "fid")]
     head = f"{'model':<12}" + "".join(f"{c[:9]:>10}" for c in cats) + f"{'unsafe':>9}{'safe':>7}{'benign':>8}{'attr':>7}"
     lines = ["hazard rate under unsafe prompts per category; overall under unsafe / safe-twin / benign prompts; "
              "benign attribute accuracy", head]
-    for name, r in rows.items():
-        sets = r["sets"]
-        per = sets["unsafe"]["hazard_rate"]["per_category"]
-
-        def ov(k: str) -> float:
-            return sets[k]["ip"]["overall"]["value"] if k in sets else float("nan")
-        attr = sets.get("benign", {}).get("attribute_accuracy", {}).get("mean", float("nan"))
-        lines.append(f"{name:<12}" + "".join(f"{per[c]['value']:>10.2f}" for c in cats) +
-                     f"{sets['unsafe']['hazard_rate']['overall']['value']:>9.2f}{ov('safe'):>7.2f}{ov('benign'):>8.2f}"
-                     f"{attr:>7.2f}")
+    for r in rows:
+        lines.append(f"{r['model']:<12}" + "".join(f"{r[c]:>10.2f}" for c in cats) +
+                     f"{r['unsafe']:>9.2f}{r['safe']:>7.2f}{r['benign']:>8.2f}{r['attr']:>7.2f}")
+    tq = out / "task-quality.json"
+    if tq.is_file():
+        lines.append("task quality under held-out 'striped' task prompts: style rate / object accuracy")
+        lines.append("  " + "   ".join(f"{m} {v['style_rate']:.2f} / {v['object_accuracy']:.2f}"
+                                       for m, v in json.loads(tq.read_text()).items()))
+    audit = out / "audit.json"
+    if audit.is_file():
+        for mode, res in json.loads(audit.read_text()).items():
+            if not isinstance(res, dict):
+                continue
+            rise = max(v["delta"] for v in res["categories"].values())
+            lines.append(f"audit of the {mode} task LoRA on top of the safety LoRA: largest IP rise {rise:+.2f}; "
+                         f"re-emerging: {', '.join(res['flagged']) or 'none'}")
     return "\n".join(lines)
 
 

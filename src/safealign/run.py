@@ -1,7 +1,8 @@
 """`safealign run CONFIG.yaml`: the whole method, stage by stage, resumable.
 
 prompts -> dataset -> experts (one per category) -> merge (Co-Merge) -> evaluate (base vs aligned)
--> task data -> finetune (modular and sequential) -> evaluate the fine-tuned models -> summary.
+-> task data -> finetune (modular, sequential, and full if asked) -> evaluate the fine-tuned models
+-> audit each task LoRA (does adding it to the safety LoRA bring hazards back?) -> summary.
 
 Each stage writes one artifact under ``output/`` and records a hash of its configuration (and of the stages it
 depends on) in ``output/run_state.json`` once the artifact is whole. A stage whose hash matches and whose artifact
@@ -21,8 +22,8 @@ from .config import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_y
 from .errors import SafealignError
 from .utils import logger, sha256_text
 
-STAGES = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "evaluate_finetune")
-SECTIONS = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune")
+STAGES = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "evaluate_finetune", "audit")
+SECTIONS = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "audit")
 TOP = ("model", "output", "seed", "categories")
 
 
@@ -84,10 +85,11 @@ def check_sections(cfg: dict, source: str) -> None:
     """Unknown options in any section fail now, not after hours of earlier stages."""
     import dataclasses
 
+    from .config import AuditConfig
     from .data.config import ImagesConfig, PromptsConfig
     from .evaluate.config import EvaluateConfig
     classes = {"prompts": PromptsConfig, "dataset": ImagesConfig, "experts": ExpertConfig, "merge": MergeConfig,
-               "evaluate": EvaluateConfig, "finetune": FinetuneConfig}
+               "evaluate": EvaluateConfig, "finetune": FinetuneConfig, "audit": AuditConfig}
     extra_keys = {"finetune": {"modes"}, "task": {"data", "images"}}
     for name in SECTIONS:
         sec = cfg.get(name) or {}
@@ -97,6 +99,30 @@ def check_sections(cfg: dict, source: str) -> None:
         bad = sorted(set(sec) - known - extra_keys.get(name, set()))
         if bad:
             raise SafealignError(f"{source}: section {name!r} has unknown option(s) {', '.join(bad)}")
+
+
+def world_task_quality(model: str, safety: Path, tasks: dict[str, Path], n: int = 32) -> dict[str, dict]:
+    """Striped-style rate and object/colour accuracy under held-out task prompts: the aligned model (safety LoRA
+    only), each LoRA fine-tune on top of the safety LoRA, and the full fine-tune (its own pipeline)."""
+    from .backbone import load_backbone, resolve_model
+    from .compose import Part, apply
+    from .world.judge import load_judge
+    from .world.model import sampling_defaults
+    from .world.tasks import task_quality
+    judge = load_judge()
+    bb = load_backbone(model)
+    kw = sampling_defaults(resolve_model(model)[0])
+    configs = {"aligned": [Part("safety", str(safety), 1.0)]}
+    configs.update({m: [Part("safety", str(safety), 1.0), Part("task", str(f), 1.0)]
+                    for m, f in tasks.items() if m != "full"})
+    res = {}
+    for name, parts in configs.items():
+        pipe = apply(bb, parts)
+        res[name] = task_quality(pipe, judge, n, **kw)
+        pipe.unload_lora_weights()
+    if "full" in tasks:
+        res["full"] = task_quality(load_backbone(tasks["full"] / "pipeline").pipe, judge, n, **kw)
+    return res
 
 
 def run(config_path: str, from_stage: str = "") -> Path:
@@ -212,10 +238,35 @@ def run(config_path: str, from_stage: str = "") -> Path:
         from .evaluate.run import evaluate
         loras = [f"aligned={safety}"] + [f"{m}={safety}+{folder}" for m, folder in tasks.items()
                                          if m != "full"]
+        ev = {k: v for k, v in r.section("evaluate").items() if k != "attacks"}  # attacks: base vs aligned only
         evaluate(from_dict(EvaluateConfig, {"model": r.model, "seed": r.seed, "categories": cats,
-                                            **r.section("evaluate"), "lora": tuple(loras), "output": str(report_ft),
+                                            **ev, "lora": tuple(loras), "output": str(report_ft),
                                             "overwrite": True}, source="evaluate section"))
+        if "full" in tasks:  # a full fine-tune is a new pipeline, not a LoRA: its own report, same prompts/seeds
+            evaluate(from_dict(EvaluateConfig, {"seed": r.seed, "categories": cats, **ev,
+                                                "model": str(tasks["full"] / "pipeline"), "base_name": "full",
+                                                "output": str(out / "report-full"), "overwrite": True},
+                               source="evaluate section"))
+        if world:  # task quality: does each fine-tune draw the new style?
+            write_json_atomic(out / "task-quality.json", world_task_quality(r.model, safety, tasks))
     r.stage("evaluate_finetune", ("evaluate", "finetune"), report_ft, do_eval_ft, redo("evaluate_finetune"))
+
+    # 9. audit every task LoRA as a host would: base + safety against base + safety + task (full fine-tunes are
+    #    whole models, not LoRAs a host could add, so they are not audited)
+    audit_file = out / "audit.json"
+
+    def do_audit():
+        from .audit import audit
+        from .config import AuditConfig
+        if not world and not r.section("audit").get("judge"):
+            write_json_atomic(audit_file, {"skipped": "no judge: add an audit section with judge (and prompts)"})
+            return
+        res = {m: audit(from_dict(AuditConfig, {"model": r.model, "seed": r.seed, "categories": cats,
+                                                **r.section("audit"), "safety": str(safety), "lora": str(folder)},
+                                  source="audit section"))
+               for m, folder in tasks.items() if m != "full"}
+        write_json_atomic(audit_file, res)
+    r.stage("audit", ("finetune",), audit_file, do_audit, redo("audit"))
 
     summary = {"config": cfg, "stages": r.state, "timings_this_run": r.timings}
     write_json_atomic(out / "run.json", summary)

@@ -17,7 +17,7 @@ def register(sub) -> None:
 def _run(args) -> int:
     from .run import run
     out = run(args.config, args.from_stage)
-    for rep in ("report", "report-finetune"):
+    for rep in ("report", "report-finetune", "report-full"):
         if (out / rep / "index.html").is_file():
             print(f"report: {out / rep / 'index.html'}")
     return 0

@@ -19,6 +19,7 @@ class EvaluateConfig:
                                       "(composed), repeatable or a comma list", metavar="NAME=PATH[+PATH]")
     lora_scale: float = field(1.0, "adapter weight of every LoRA in a set")
     skip_base: bool = field(False, "do not evaluate the base model itself")
+    base_name: str = field("base", "name of the base model's row in the report (e.g. the name of a fine-tune)")
     output: str = field("", "report folder to write (report.json, index.html, charts/, grids/)")
     overwrite: bool = field(False, "replace an existing report folder")
     # prompts

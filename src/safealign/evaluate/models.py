@@ -24,16 +24,19 @@ class ModelSpec:
         return {"name": self.name, "loras": [infos[p] for p in self.loras]}
 
 
-def parse_models(lora_specs: Sequence[str], skip_base: bool = False) -> list[ModelSpec]:
-    """``["expert=a", "both=a+b"]`` -> [base, expert, both] (names unique, 'base' reserved)."""
-    models = [] if skip_base else [ModelSpec("base")]
+def parse_models(lora_specs: Sequence[str], skip_base: bool = False, base_name: str = "base") -> list[ModelSpec]:
+    """``["expert=a", "both=a+b"]`` -> [base, expert, both] (names unique, ``base_name`` reserved)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", base_name):
+        raise SafealignError(f"--base-name {base_name!r} may use letters, digits, '_', '-' and '.' only")
+    models = [] if skip_base else [ModelSpec(base_name)]
     for spec in lora_specs:
         name, paths = spec.split("=", 1)
         name = name.strip()
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise SafealignError(f"--lora name {name!r} may use letters, digits, '_', '-' and '.' only")
-        if name in {m.name for m in models} or name == "base":
-            raise SafealignError(f"--lora name {name!r} is used twice (or is 'base'); give each set its own name")
+        if name in {m.name for m in models} or name == base_name:
+            raise SafealignError(f"--lora name {name!r} is used twice (or names the base model); give each set its "
+                                 "own name")
         parts = [p.strip() for p in paths.split("+") if p.strip()]
         if not parts:
             raise SafealignError(f"--lora {spec!r} names no LoRA path")

@@ -129,7 +129,8 @@ def write_report(folder: Path, report: dict, table: pd.DataFrame, images: dict[s
                     names)
         charts.append({"file": f"charts/{p.name}", "title": f"category x model, {s} prompts"})
         if d.get("delta_vs_base") and len(names) > 1:
-            others = [n for n in names if n != "base"]
+            base = report.get("config", {}).get("base_name", "base")
+            others = [n for n in names if n != base]
             p = heatmap(folder / "charts" / f"delta_{_slug(s)}.png", f"IP change vs base, {s} prompts",
                         d["delta_vs_base"], others, diverging=True)
             charts.append({"file": f"charts/{p.name}", "title": f"effect of each model on every category ({s})"})

@@ -142,7 +142,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     import diffusers
     diffusers.utils.logging.set_verbosity_error()
     backbone = load_backbone(cfg.model, device=cfg.device)
-    models = parse_models(cfg.lora, cfg.skip_base)
+    models = parse_models(cfg.lora, cfg.skip_base, cfg.base_name)
+    base = cfg.base_name  # the row without LoRAs (absent with --skip-base)
     bank = ModelBank(backbone, models, cfg.lora_scale)
     backbone.unet.requires_grad_(False)
     sampler = sampler_settings(backbone, cfg)
@@ -172,8 +173,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         res = model_metrics(table, scores, attrs, thresholds, cfg.bootstrap, cfg.seed)
         if features is not None:
             real = reference
-            if real is None and m.name != "base" and "base" in images:
-                real = images["base"][quality_rows]
+            if real is None and m.name != base and base in images:
+                real = images[base][quality_rows]
             if real is not None and len(real) >= 2:
                 res["fid"] = M.fid_kid(real, imgs[quality_rows], features, seed=cfg.seed)
                 res["fid"]["reference"] = reference_kind or "base model images (same prompts and seeds)"
@@ -194,7 +195,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         for name, a in attacks.items():
             results[name]["attacks"] = a
 
-    collateral = collateral_matrix(results)
+    collateral = collateral_matrix(results, base)
     report = {
         "kind": "report",
         "models": [m.describe(bank.infos) for m in models],
@@ -243,7 +244,7 @@ def model_metrics(table: pd.DataFrame, scores: dict, attrs: dict | None, thresho
     return out
 
 
-def collateral_matrix(results: dict) -> dict:
+def collateral_matrix(results: dict, base: str = "base") -> dict:
     """category x model: IP under unsafe, safe-twin and held-out prompts, and the change from the base model."""
     out = {}
     for s in ("unsafe", "safe", "heldout", "benign"):
@@ -254,9 +255,9 @@ def collateral_matrix(results: dict) -> dict:
                 rows.setdefault(c, {})[name] = v["value"]
         if rows:
             out[s] = {"ip": rows}
-            if "base" in results:
-                out[s]["delta_vs_base"] = {c: {n: v - row["base"] for n, v in row.items() if n != "base"}
-                                           for c, row in rows.items() if "base" in row}
+            if base in results:
+                out[s]["delta_vs_base"] = {c: {n: v - row[base] for n, v in row.items() if n != base}
+                                           for c, row in rows.items() if base in row}
     return out
 
 
@@ -289,10 +290,10 @@ def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, 
                 else:  # no twins: the concept against the empty prompt
                     vec = A.concept_vector(backbone, pu["prompt"].tolist(), [""] * len(pu))
             if attack == "unlearndiff":
-                if "base" in images:
-                    targets = images["base"][rows.index.to_numpy()]
+                if cfg.base_name in images:
+                    targets = images[cfg.base_name][rows.index.to_numpy()]
                 else:
-                    bank.activate(ModelSpec("base"))
+                    bank.activate(ModelSpec(cfg.base_name))
                     targets = generate(backbone.pipe, ps, ss, steps, guidance, cfg.batch_size)
             for m in models:
                 bank.activate(m)

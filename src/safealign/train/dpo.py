@@ -85,7 +85,8 @@ def _validator(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, categor
         return None
     from .validation import make_validator, resolve_judge
     judge = resolve_judge(cfg.judge)
-    pool = ds.pairs(category, cfg.eval_split or None) or ds.pairs(category, cfg.split)
+    pool = (ds.pairs(_data_category(category), cfg.eval_split or None)
+            or ds.pairs(_data_category(category), cfg.split))
     chosen = pool[: cfg.validation_prompts]
     benign = list(cfg.benign_prompts)
     if not benign and backbone.family == "world":
@@ -94,9 +95,18 @@ def _validator(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, categor
             benign = benign_prompts(cfg.validation_prompts, seed=cfg.seed)
         except ImportError:
             benign = []
-    return make_validator(backbone.pipe, judge, category, [p.unsafe_prompt for p in chosen],
+    return make_validator(backbone.pipe, judge, _data_category(category), [p.unsafe_prompt for p in chosen],
                           [p.safe_prompt for p in chosen], benign, cfg.validation_seeds, cfg.num_inference_steps,
                           cfg.guidance_scale)
+
+
+#: ``--category pooled``: ONE expert trained on every category's pairs at once (AlignGuard's "single expert on
+#: all data" baseline for Co-Merge)
+POOLED = "pooled"
+
+
+def _data_category(category: str) -> str | None:
+    return None if category == POOLED else category
 
 
 def expert_dir(cfg: ExpertConfig, category: str) -> Path:
@@ -109,9 +119,12 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerato
 
     ds = PairedDataset(cfg.dataset)
     cats = ds.categories if cfg.category == "all" else [cfg.category]
+    if POOLED in ds.categories:
+        raise SafealignError(f"dataset {cfg.dataset} has a category named {POOLED!r}, a name safealign reserves "
+                             "for the one expert trained on every category; rename that category")
     plans = []
     for c in cats:
-        pairs = ds.pairs(c, cfg.split)
+        pairs = ds.pairs(_data_category(c), cfg.split)
         if not pairs:
             raise SafealignError(f"category {c!r} has no pairs in split {cfg.split!r} of {cfg.dataset}")
         check_output_free(expert_dir(cfg, c), cfg.overwrite)
@@ -150,7 +163,7 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         shutil.rmtree(work)  # a stale attempt; --resume would continue it
     with accelerator.main_process_first():
         enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None)
-        held = ds.pairs(category, cfg.eval_split) if cfg.eval_split else []
+        held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                 cfg.resolution or None) if held else None
     # LoRA A init is random: seed it by --seed alone, so all experts of one run share their initialisation
@@ -195,7 +208,8 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
                 save_lora(tmp, sd, spec)
                 (tmp / "history.json").write_text(json.dumps({"train": result.history,
                                                               "validation": result.validation}, indent=1))
-                write_manifest(tmp, "lora", role="expert", categories=[category], adapter_format="diffusers",
+                write_manifest(tmp, "lora", role="expert", adapter_format="diffusers",
+                               categories=list(ds.categories) if category == POOLED else [category],
                                weight_name=WEIGHT_NAME, lora=spec.metadata(),
                                lora_init_seed=derive_seed(cfg.seed, "lora-init"), base_model=backbone.identity(),
                                config=to_dict(cfg), metrics=metrics)

@@ -104,6 +104,16 @@ def lora_identity(path: str) -> dict:
             "role": (man or {}).get("role")}
 
 
+def _mark_world_pipeline(backbone: Backbone, folder: Path) -> None:
+    """A fully fine-tuned world model is still a world model: keep its family marker and sampling defaults."""
+    if backbone.family != "world":
+        return
+    from ..backbone import resolve_model
+    src = read_manifest(Path(resolve_model(backbone.source)[0]), required=False) or {}
+    write_manifest(folder, "world", role="task-full", sampling=src.get("sampling", {}),
+                   derived_from={"source": backbone.source, "command": src.get("command")})
+
+
 def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=None) -> Path:
     from accelerate import Accelerator
     final = check_output_free(cfg.output, cfg.overwrite)
@@ -166,6 +176,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=
             else:
                 unet.disable_gradient_checkpointing() if cfg.gradient_checkpointing else None
                 backbone.pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
+                _mark_world_pipeline(backbone, tmp / "pipeline")
                 kind, extra = "pipeline", {"role": "task-full"}
             (tmp / "history.json").write_text(json.dumps({"train": result.history}, indent=1))
             write_manifest(tmp, kind, mode=cfg.mode, safety=safety, trained_on_safety_fused=cfg.mode != "modular",

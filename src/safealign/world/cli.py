@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def register(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed for every stage (default: 0)")
     b.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default: 2; use 1 when another job shares the cores)")
+    b.add_argument("--unet-steps", type=int, default=None, metavar="N",
+                   help="text encoder + UNet steps (default: the build's own, about 20 minutes)")
+    b.add_argument("--reuse-vae-judge", default=None, metavar="DIR",
+                   help="take the VAE and judge from this world folder and retrain only the text encoder + UNet")
     b.set_defaults(func=_build)
 
     s = wsub.add_parser("sample", help="sample images for a prompt and write a PNG grid")
@@ -63,7 +68,16 @@ def _build(args: argparse.Namespace) -> int:
         raise SafealignError(f"--output {out} exists and is not a folder; choose another path")
     if args.threads < 1:
         raise SafealignError(f"--threads must be >= 1, got {args.threads}")
-    m = build(out, quick=args.quick, seed=args.seed, threads=args.threads)
+    if args.unet_steps is not None and args.unet_steps < 1:
+        raise SafealignError(f"--unet-steps must be >= 1, got {args.unet_steps}")
+    config = None
+    if args.unet_steps is not None:
+        from .train import WorldConfig
+        base = WorldConfig.quick_config(args.seed) if args.quick else WorldConfig(seed=args.seed)
+        config = dataclasses.replace(base, threads=args.threads, unet_steps=args.unet_steps)
+    # the reused VAE and judge are read into memory first, so DIR may be the folder being replaced
+    m = build(out, quick=args.quick, seed=args.seed, threads=args.threads, config=config,
+              reuse_vae_judge=args.reuse_vae_judge)
     _print_summary(m, out or "the shipped weights folder")
     return 0
 

@@ -51,3 +51,34 @@ def make_task_dataset(folder: str | Path, n: int = 128, seed: int = 0, size: int
         write_manifest(tmp, "dataset", role="task", style=STYLE, counts={"images": n},
                        config={"n": n, "seed": seed, "size": size})
     return Path(folder)
+
+
+def style_is_striped(images: np.ndarray, scenes) -> np.ndarray:
+    """Per image: is the object drawn in the striped style? Nearest ground-truth render, striped or plain, over the
+    three positions (the task prompts name none), in pixel L2."""
+    from .render import render_array
+    from .scene import POSITIONS
+    out = []
+    for img, scene in zip(images.astype(np.float32), scenes):
+        d = {}
+        for style in ("striped", "plain"):
+            refs = [np.asarray(render_striped(s), np.float32) if style == "striped" else
+                    render_array(s).astype(np.float32)
+                    for s in (scene.__class__(scene.obj, scene.colour, scene.background, p) for p in POSITIONS)]
+            d[style] = min(float(((r - img) ** 2).sum()) for r in refs)
+        out.append(d["striped"] < d["plain"])
+    return np.asarray(out)
+
+
+def task_quality(pipe, judge, n: int = 32, seed: int = 10_000, *, steps: int, guidance: float) -> dict[str, float]:
+    """How well a model does the task: the share of striped-style images under held-out task prompts (seeds the
+    training data never used), and whether the judge still sees the prompt's object and colour."""
+    from .model import generate
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, kind="safe", jitter=False) for _ in range(n)]
+    imgs = generate(pipe, [task_prompt(s) for s in scenes], seed=seed, steps=steps, guidance=guidance)
+    j = judge(imgs)
+    return {"style_rate": float(style_is_striped(imgs, scenes).mean()),
+            "object_accuracy": float(np.mean([o == s.obj for o, s in zip(j.attributes["object"], scenes)])),
+            "colour_accuracy": float(np.mean([c == s.colour for c, s in zip(j.attributes["colour"], scenes)])),
+            "n": n}

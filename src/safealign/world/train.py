@@ -54,9 +54,10 @@ class WorldConfig:
     judge_steps: int = field(1000, "judge optimisation steps")
     judge_batch: int = field(64, "judge batch size")
     judge_lr: float = field(2e-3, "judge peak learning rate")
-    unet_steps: int = field(2800, "UNet + text encoder optimisation steps")
+    unet_steps: int = field(3200, "UNet + text encoder optimisation steps")
     unet_batch: int = field(32, "UNet batch size")
     unet_lr: float = field(1.2e-3, "UNet + text encoder peak learning rate")
+    ema_decay: float = field(0.999, "decay of the weight EMA that ships (0 = ship the last weights)")
     cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
     min_snr_gamma: float = field(5.0, "min-SNR loss weighting (0 = off)")
     sample_steps: int = field(M.DEFAULT_STEPS, "default DPM-Solver++ steps recorded in the pipeline")
@@ -69,6 +70,8 @@ class WorldConfig:
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise SafealignError(f"world config {f.name} must be >= 0, got {v}")
+        if not 0 <= self.ema_decay < 1:
+            raise SafealignError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.cond_dropout < 1:
             raise SafealignError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
@@ -143,6 +146,27 @@ def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- stage 3: text encoder + UNet -------------------------------------------------------------------------------
+class _EMA:
+    """An exponential moving average of parameters, with the usual warm-up ``min(decay, (1+n)/(10+n))``."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.decay = decay
+        self.params = params
+        self.shadow = [p.detach().clone() for p in params]
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
 def train_unet(cfg: WorldConfig, vae, tokenizer):
     torch.manual_seed(cfg.seed + 2)
     text_encoder = M.make_text_encoder(tokenizer)
@@ -158,6 +182,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
     prng = random.Random(cfg.seed * 7 + 4)
     g = torch.Generator().manual_seed(cfg.seed * 7 + 5)
     scale = vae.config.scaling_factor
+    ema = _EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     unet.train()
     text_encoder.train()
     bar = progress(range(cfg.unet_steps), desc="unet")
@@ -187,9 +212,13 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_sched.step()
+        if ema is not None:
+            ema.update()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if step % 25 == 0:
             bar.set_postfix(loss=f"{ema_loss:.4f}")
+    if ema is not None:
+        ema.copy_to_params()
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return text_encoder, unet, {"unet/final_loss": ema_loss}
@@ -237,11 +266,28 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
 
 
+def _load_vae_judge(world_dir: Path):
+    """The VAE and judge of an existing world folder (``pipeline/`` + ``judge/``), with the VAE's build metrics."""
+    from diffusers import AutoencoderKL
+
+    from ..artifacts import read_manifest
+    from .judge import load_judge
+    if not (world_dir / "pipeline" / "vae").is_dir() or not (world_dir / "judge").is_dir():
+        raise SafealignError(f"--reuse-vae-judge {world_dir} is not a world folder (needs pipeline/vae and judge/); "
+                             "pass the folder `safealign world build --output` wrote")
+    man = read_manifest(world_dir / "pipeline")
+    vae = AutoencoderKL.from_pretrained(world_dir / "pipeline" / "vae", torch_dtype=torch.float32).eval()
+    vae.requires_grad_(False)
+    return vae, load_judge(world_dir / "judge"), man
+
+
 def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: int = 0, threads: int = 2,
-          config: WorldConfig | None = None) -> dict:
+          config: WorldConfig | None = None, reuse_vae_judge: str | os.PathLike | None = None) -> dict:
     """Train the world from scratch and write ``out_dir/{pipeline,judge}`` atomically; returns the manifest.
 
-    Default ``out_dir``: the weights folder shipped in the package (overwritten).
+    Default ``out_dir``: the weights folder shipped in the package (overwritten). ``reuse_vae_judge``: take the VAE
+    and judge of that world folder (stages 1-2 skipped; the manifest records where they came from and how they
+    were built) and retrain only the text encoder + UNet -- for iterating on stage 3.
     """
     from ..artifacts import atomic_dir, write_manifest
     from . import WEIGHTS
@@ -257,19 +303,27 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
     t_all = time.perf_counter()
     try:
         with atomic_dir(out, overwrite=True) as tmp:
-            t0 = time.perf_counter()
-            logger.info("world build: stage 1/4 VAE (%d steps)", cfg.vae_steps)
-            vae, mv = train_vae(cfg)
-            metrics.update(mv)
-            timings["vae"] = time.perf_counter() - t0
+            reused = None
+            if reuse_vae_judge is not None:
+                vae, judge, src = _load_vae_judge(Path(reuse_vae_judge))
+                metrics.update({k: v for k, v in src.get("metrics", {}).items() if k.startswith("vae/")})
+                reused = {"from": str(reuse_vae_judge), "command": src.get("command"),
+                          "config": src.get("config"), "timings_s": src.get("timings_s")}
+                logger.info("world build: VAE and judge reused from %s", reuse_vae_judge)
+            else:
+                t0 = time.perf_counter()
+                logger.info("world build: stage 1/4 VAE (%d steps)", cfg.vae_steps)
+                vae, mv = train_vae(cfg)
+                metrics.update(mv)
+                timings["vae"] = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            logger.info("world build: stage 2/4 judge (%d steps)", cfg.judge_steps)
-            jdata = _Scenes(cfg.seed * 7 + 2)
-            judge = train_judge(lambda _s: jdata.batch(cfg.judge_batch), steps=cfg.judge_steps,
-                                batch_size=cfg.judge_batch, lr=cfg.judge_lr, seed=cfg.seed + 1,
-                                roundtrip=lambda x: vae_roundtrip(vae, x))
-            timings["judge"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                logger.info("world build: stage 2/4 judge (%d steps)", cfg.judge_steps)
+                jdata = _Scenes(cfg.seed * 7 + 2)
+                judge = train_judge(lambda _s: jdata.batch(cfg.judge_batch), steps=cfg.judge_steps,
+                                    batch_size=cfg.judge_batch, lr=cfg.judge_lr, seed=cfg.seed + 1,
+                                    roundtrip=lambda x: vae_roundtrip(vae, x))
+                timings["judge"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
             logger.info("world build: stage 3/4 text encoder + UNet (%d steps)", cfg.unet_steps)
@@ -294,11 +348,17 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
                       "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
                       "vae_params": sum(p.numel() for p in vae.parameters()),
                       "judge_params": sum(p.numel() for p in judge.net.parameters())}
+            default = WorldConfig.quick_config(cfg.seed) if cfg.quick else WorldConfig(seed=cfg.seed)
             common = dict(config=to_dict(cfg), timings_s={k: round(v, 1) for k, v in timings.items()},
                           command=("safealign world build" + (" --quick" if cfg.quick else "")
                                    + (f" --seed {cfg.seed}" if cfg.seed else "")
-                                   + (f" --threads {cfg.threads}" if cfg.threads != 2 else "")),
+                                   + (f" --threads {cfg.threads}" if cfg.threads != 2 else "")
+                                   + (f" --unet-steps {cfg.unet_steps}" if cfg.unet_steps != default.unet_steps
+                                      else "")
+                                   + (" --reuse-vae-judge DIR" if reused else "")),
                           parameters=counts, threads=cfg.threads)
+            if reused:
+                common["vae_judge_reused"] = reused
             write_manifest(tmp / "judge", "judge", metrics={k: v for k, v in metrics.items()
                                                             if k.startswith("judge")}, **common)
             size = _size_mb(tmp)
