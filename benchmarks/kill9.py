@@ -80,6 +80,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    ap.add_argument("--quick", action="store_true", help="the quick flow (the default; for `make bench`)")
     ap.add_argument("--full", action="store_true", help="the whole demo config instead of the quick one")
     ap.add_argument("--keep", default="", help="work in this folder and keep it")
     a = ap.parse_args()

@@ -29,6 +29,8 @@ METHODS = ("comerge", "comerge-per-expert", "cat", "linear", "task_arithmetic", 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="demo-out/world", help="a finished `safealign run` folder")
+    ap.add_argument("--quick", action="store_true",
+                    help="make a quick world run first (3 categories, short training; about 5 minutes in all)")
     ap.add_argument("--out", default="", help="work folder (default: RUN/merge-quality)")
     ap.add_argument("--pooled-steps", type=int, default=0,
                     help="steps of the all-data expert (default: the experts' steps times their number)")
@@ -45,6 +47,21 @@ def main() -> None:
 
     setup_logging()
     run = Path(a.run)
+    if a.quick:
+        import subprocess
+        import tempfile
+
+        from _common import world_config, write_yaml
+        tmp = Path(tempfile.mkdtemp(prefix="safealign-merge-quality-"))
+        run = tmp / "world"
+        cfg_file = write_yaml(tmp / "world.yaml", world_config(run, quick=True))
+        r = subprocess.run([sys.executable, "-m", "safealign", "--no-progress", "run", str(cfg_file)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"the quick run failed:\n{r.stderr[-3000:]}")
+    if not (run / "run.json").is_file():
+        raise SystemExit(f"{run} is not a finished `safealign run` folder (no run.json); run `make demo` first, "
+                         "pass --run, or use --quick")
     state = json.loads((run / "run.json").read_text())
     cfg = state["config"]
     out = Path(a.out) if a.out else run / "merge-quality"
@@ -94,7 +111,7 @@ def main() -> None:
     print(table(rows, cols))
     payload = {"run": str(run), "pooled_steps": steps, "experts": [d.name for d in experts], "rows": rows,
                "timings_s": timings, "best_other_merge": best_other["model"], "comerge_ownership": owned}
-    p = write_json("merge_quality", payload)
+    p = write_json("merge_quality_quick" if a.quick else "merge_quality", payload)
     print(f"wrote {p}")
     print(f"comerge_vs_best_baseline_unsafe: {merges['comerge']['unsafe'] - best_other['unsafe']:+.3f}")
 

@@ -178,3 +178,26 @@ def test_world_style_detector_tells_striped_from_plain():
     striped = np.stack([np.asarray(render_striped(s)) for s in scenes])
     assert style_is_striped(striped, scenes).all()
     assert not style_is_striped(render_batch(scenes), scenes).any()
+
+
+def test_full_finetune_of_the_world_stays_a_world_model(tmp_path):
+    from safealign.backbone import load_backbone
+    from safealign.world.model import load_pipeline, sampling_defaults
+    from safealign.world.tasks import make_task_dataset
+    unet = load_pipeline().unet
+    spec = LoraSpec(rank=2, alpha=2.0)
+    add_lora(unet, spec)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.full(p.shape, 0.01)
+    (tmp_path / "safety").mkdir()
+    save_lora(tmp_path / "safety", lora_state_dict(unet), spec)
+    cfg = FinetuneConfig(model="world", data=str(make_task_dataset(tmp_path / "task", n=8)), mode="full",
+                         safety=str(tmp_path / "safety"), output=str(tmp_path / "full"), max_steps=2,
+                         checkpoint_every=0, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    out = finetune(cfg)
+    bb = load_backbone(str(out / "pipeline"))
+    assert bb.family == "world"  # the world's sampler defaults and judge still apply
+    assert sampling_defaults(out / "pipeline") == sampling_defaults()
+    base = load_backbone("world").unet.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in bb.unet.state_dict().items())
