@@ -201,3 +201,11 @@ def test_full_finetune_of_the_world_stays_a_world_model(tmp_path):
     assert sampling_defaults(out / "pipeline") == sampling_defaults()
     base = load_backbone("world").unet.state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in bb.unet.state_dict().items())
+
+
+def test_audit_sign_test_separates_noise_from_a_real_rise():
+    from safealign.audit import sign_test_p
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)  # five images turned unsafe, none the other way
+    assert sign_test_p(3, 1) == pytest.approx(5 / 16)  # +2 images of 16 is noise (p = 0.31), not re-emergence
+    assert sign_test_p(1, 3) > 0.9
