@@ -165,19 +165,24 @@ def test_world_task_data_is_benign_and_readable(tmp_path):
     assert (a / "metadata.jsonl").read_text() == (tmp_path / "task" / "metadata.jsonl").read_text()
 
 
-def test_world_style_detector_tells_striped_from_plain():
+def test_world_style_detector_tells_the_task_style_from_the_usual_one():
     import random
 
     import numpy as np
 
     from safealign.world.render import render_batch
     from safealign.world.scene import sample_scene
-    from safealign.world.tasks import render_striped, style_is_striped
+    from safealign.world.tasks import has_task_style, render_task
+    from safealign.world.train import _to_pixels, _to_uint8, vae_roundtrip
+    from safealign.world.model import load_pipeline
     rng = random.Random(3)
     scenes = [sample_scene(rng, kind="safe") for _ in range(24)]  # jittered: the detector must tolerate that
-    striped = np.stack([np.asarray(render_striped(s)) for s in scenes])
-    assert style_is_striped(striped, scenes).all()
-    assert not style_is_striped(render_batch(scenes), scenes).any()
+    task = np.stack([np.asarray(render_task(s)) for s in scenes])
+    assert has_task_style(task, scenes).all()
+    assert not has_task_style(render_batch(scenes), scenes).any()
+    # the style survives the world's VAE (a style its latent cannot hold could never be learned)
+    rt = _to_uint8(vae_roundtrip(load_pipeline().vae, _to_pixels(task)))
+    assert has_task_style(rt, scenes).mean() >= 0.95
 
 
 def test_full_finetune_of_the_world_stays_a_world_model(tmp_path):

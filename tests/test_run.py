@@ -73,10 +73,13 @@ def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, mon
     monkeypatch.setattr(dpo, "diffusion_dpo_loss", real)
     assert cli.main(["--no-progress", "run", str(run_config(again))]) == 0
     assert _numbers(again) == _numbers(ref)
-    # --from redoes a stage and everything after it
+    # --from redoes a stage and everything after it, items (each fine-tune) included
     capsys.readouterr()
+    item = again / "task-modular" / "run_item.json"
+    before = item.read_text()
     assert cli.main(["--no-progress", "run", str(run_config(again)), "--from", "merge"]) == 0
     assert capsys.readouterr().out.count("up to date") == 3  # prompts, dataset, experts
+    assert item.read_text() != before  # retrained, not kept because its config matched
     assert _numbers(again) == _numbers(ref)
 
 

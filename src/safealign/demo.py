@@ -94,7 +94,7 @@ def world_summary(out: Path) -> str:
                      f"{r['unsafe']:>9.2f}{r['safe']:>7.2f}{r['benign']:>8.2f}{r['attr']:>7.2f}")
     tq = out / "task-quality.json"
     if tq.is_file():
-        lines.append("task quality under held-out 'striped' task prompts: style rate / object accuracy")
+        lines.append("task quality under held-out 'small'-style task prompts: style rate / object accuracy")
         lines.append("  " + "   ".join(f"{m} {v['style_rate']:.2f} / {v['object_accuracy']:.2f}"
                                        for m, v in json.loads(tq.read_text()).items()))
     audit = out / "audit.json"

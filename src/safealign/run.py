@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import read_manifest, write_json_atomic
-from .config import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml, to_dict
+from .artifacts import write_json_atomic
+from .config import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml
 from .errors import SafealignError
 from .utils import logger, sha256_text
 
 STAGES = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "evaluate_finetune", "audit")
 SECTIONS = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "audit")
 TOP = ("model", "output", "seed", "categories")
+ITEM_MARKER = "run_item.json"
 
 
 class Run:
@@ -44,6 +45,21 @@ class Run:
         self.state: dict[str, Any] = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
         self.hashes: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+        # the latest --from's nonce: items (experts, fine-tunes) made before it are not mistaken for items of the
+        # redo, also when a killed --from run is re-run without --from
+        self.redo_file = self.out / "run_redo.json"
+        self.nonce = json.loads(self.redo_file.read_text()).get("nonce", "") if self.redo_file.is_file() else ""
+
+    def start_redo(self, stages: tuple[str, ...]) -> None:
+        """``--from``: forget the given stages (a kill during the redo must not fall back on their old records)
+        and start a new nonce for their items."""
+        import uuid
+        self.nonce = uuid.uuid4().hex[:12]
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.redo_file, {"nonce": self.nonce, "stages": list(stages)})
+        for name in stages:
+            self.state.pop(name, None)
+        write_json_atomic(self.state_file, self.state)
 
     def section(self, name: str) -> dict:
         s = self.cfg.get(name) or {}
@@ -60,6 +76,18 @@ class Run:
     def done(self, name: str, h: str, artifact: Path) -> bool:
         st = self.state.get(name) or {}
         return st.get("hash") == h and artifact.exists()
+
+    def item_done(self, name: str, folder: Path) -> bool:
+        """A stage's item (one expert, one fine-tune) finished under this stage hash: a killed run's re-run keeps
+        it. An item from another configuration, or from before a ``--from``, is made again."""
+        f = folder / ITEM_MARKER
+        try:
+            return f.is_file() and json.loads(f.read_text()).get("stage_hash") == self.hashes[name] + self.nonce
+        except (OSError, ValueError):
+            return False
+
+    def mark_item(self, name: str, folder: Path) -> None:
+        write_json_atomic(folder / ITEM_MARKER, {"stage_hash": self.hashes[name] + self.nonce})
 
     def record(self, name: str, h: str, artifact: Path, seconds: float) -> None:
         self.state[name] = {"hash": h, "artifact": str(artifact), "seconds": round(seconds, 1)}
@@ -132,6 +160,8 @@ def run(config_path: str, from_stage: str = "") -> Path:
         raise SafealignError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGES)}")
     r = Run(cfg, source=str(config_path))
     redo_from = STAGES.index(from_stage) if from_stage else len(STAGES)
+    if from_stage:
+        r.start_redo(STAGES[redo_from:])
 
     def redo(name: str) -> bool:
         return STAGES.index(name) >= redo_from
@@ -171,10 +201,10 @@ def run(config_path: str, from_stage: str = "") -> Path:
                 "output": str(experts), "resume": True, "overwrite": True}
         for c in (cats or tuple(PairedDataset(dataset).categories)):
             ecfg = from_dict(ExpertConfig, {**base, "category": c}, source="experts section")
-            man = read_manifest(experts / c, "lora", required=False) if (experts / c).is_dir() else None
-            if man and man.get("config") == to_dict(ecfg):
+            if r.item_done("experts", experts / c):
                 continue
             train_expert(ecfg)
+            r.mark_item("experts", experts / c)
     r.stage("experts", ("dataset",), experts, do_experts, redo("experts"))
 
     # 4. Co-Merge
@@ -198,7 +228,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
                                             "output": str(report), "overwrite": True}, source="evaluate section"))
     r.stage("evaluate", ("merge",), report, do_evaluate, redo("evaluate"))
 
-    # 6. benign task data (world: a new striped style; otherwise the section names a folder)
+    # 6. benign task data (world: a new 'small' style; otherwise the section names a folder)
     task_sec = r.section("task")
     task = Path(task_sec["data"]) if task_sec.get("data") else out / "task-data"
 
@@ -222,10 +252,10 @@ def run(config_path: str, from_stage: str = "") -> Path:
             fcfg = from_dict(FinetuneConfig, {"model": r.model, "seed": r.seed, **ft, "mode": m, "data": str(task),
                                               "safety": str(safety), "output": str(folder), "resume": True,
                                               "overwrite": True}, source="finetune section")
-            man = read_manifest(folder, required=False) if folder.is_dir() else None
-            if man and man.get("config") == to_dict(fcfg):
+            if r.item_done("finetune", folder):
                 continue
             finetune(fcfg)
+            r.mark_item("finetune", folder)
     if not tasks:
         raise SafealignError("finetune section: 'modes' is empty; use e.g. [modular, sequential]")
     r.stage("finetune", ("merge", "task"), list(tasks.values())[-1], do_finetune, redo("finetune"))
