@@ -140,6 +140,9 @@ def _print_summary(m: dict, where) -> None:
     print(f"  built by   : {m.get('command', '?')}  ({m.get('created', '?')}, git {str(m.get('git_hash'))[:10]}, "
           f"{m.get('threads', '?')} threads)")
     print(f"  build time : " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
+    if m.get("vae_judge_reused"):
+        r = m["vae_judge_reused"]
+        print(f"  VAE, judge : reused from {r.get('from')} (made by `{r.get('command', '?')}`)")
     print(f"  sampling   : {s.get('scheduler', '?')}, {s.get('steps', '?')} steps, guidance {s.get('guidance', '?')}"
           f", {s.get('resolution', '?')}x{s.get('resolution', '?')}")
     print(f"  judge (held-out renders): " + ", ".join(f"{c} {pct('judge/accuracy/' + c)}" for c in cats))
