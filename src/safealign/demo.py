@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         out = run(a.config)
         print()
         print(world_summary(out))
-        print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: "
-              f"{out / 'report' / 'index.html'} and {out / 'report-finetune' / 'index.html'}")
+        reports = [str(out / r / "index.html") for r in ("report", "report-finetune", "report-full")
+                   if (out / r / "index.html").is_file()]
+        print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: {', '.join(reports)}")
         return 0
     import shutil
 
