@@ -97,10 +97,9 @@ def main() -> None:
     loras += [f"expert-{d.name}={d}" for d in experts]
     report = out / "report"
     t0 = time.perf_counter()
-    evaluate(from_dict(EvaluateConfig, {"model": model, "seed": seed, **{k: v for k, v in (cfg.get("evaluate") or
-                                                                                             {}).items()
-                                                                        if k != "attacks"},
-                                        "lora": tuple(loras), "output": str(report), "overwrite": True},
+    ev = {k: v for k, v in (cfg.get("evaluate") or {}).items() if k != "attacks"}  # the run's settings
+    evaluate(from_dict(EvaluateConfig, {"model": model, "seed": seed, "categories": tuple(cfg.get("categories") or ()),
+                                        **ev, "lora": tuple(loras), "output": str(report), "overwrite": True},
                        source="evaluate"))
     timings["evaluate"] = round(time.perf_counter() - t0, 1)
     rows = summary_rows(json.loads((report / "report.json").read_text())["results"])
@@ -113,6 +112,9 @@ def main() -> None:
                "timings_s": timings, "best_other_merge": best_other["model"], "comerge_ownership": owned}
     p = write_json("merge_quality_quick" if a.quick else "merge_quality", payload)
     print(f"wrote {p}")
+    if a.quick:
+        import shutil
+        shutil.rmtree(run.parent, ignore_errors=True)
     print(f"comerge_vs_best_baseline_unsafe: {merges['comerge']['unsafe'] - best_other['unsafe']:+.3f}")
 
 
