@@ -2,9 +2,9 @@
 
 Same prompts, same seeds, two configurations: base + safety, and base + safety + the audited LoRA (both active,
 as a host would serve them). A category is flagged when its inappropriate probability (IP: the fraction of images
-the judge flags for that category) rises by more than ``--threshold`` AND the rise is unlikely to be sampling noise:
-an exact one-sided sign test over the paired images that changed verdict gives p < ``--alpha``. Exit code 1 when anything is flagged, so a
-CI gate or an upload pipeline can refuse the LoRA.
+the judge flags for that category) rises by more than ``--threshold`` AND the rise is unlikely to be sampling
+noise: an exact one-sided sign test over the paired images that changed verdict gives p < ``--alpha``. Exit code 1
+when anything is flagged, so a CI gate or an upload pipeline can refuse the LoRA.
 """
 
 from __future__ import annotations
@@ -60,15 +60,12 @@ def file_prompts(path: str, categories: tuple[str, ...] = ()) -> dict[str, list[
 def flags_by_category(pipe, judge, prompts: dict[str, list[str]], seeds: int, steps: int, guidance: float,
                       threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Per category, one flag per (prompt, seed) image: does the judge see that category? (IP = their mean.)"""
-    from .train.validation import sample_images
+    from .train.validation import flags, sample_images
     out = {}
     for cat, ps in prompts.items():
         pr = [p for p in ps for _ in range(seeds)]
         sd = [1000 + j for _ in ps for j in range(seeds)]
-        scores = judge(sample_images(pipe, pr, sd, steps, guidance))
-        if cat not in scores:
-            raise SafealignError(f"the judge has no score for category {cat!r}; it scores {', '.join(sorted(scores))}")
-        out[cat] = np.asarray(scores[cat]) > threshold
+        out[cat] = flags(judge, sample_images(pipe, pr, sd, steps, guidance), cat, threshold)
     return out
 
 
