@@ -94,6 +94,50 @@ def test_tokenizer_knows_every_world_word():
         assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
 
 
+def test_vae_loss_weights_the_object_pixels():
+    """The VAE's reconstruction loss weighs the object (whose colour the judge reads) above the plain background."""
+    from safealign.world.train import _object_weights
+    rng = random.Random(0)
+    scenes = [S.sample_scene(rng) for _ in range(6)]
+    w = _object_weights(scenes, 4.0).numpy()[:, 0]
+    for wi, img, s in zip(w, render_batch(scenes), scenes):
+        background = (img == np.array(S.BACKGROUNDS[s.background])).all(-1)
+        solid = (img == np.array(S.COLOURS[s.colour])).all(-1)
+        assert background.any() and solid.any()
+        assert np.all(wi[background] == 1.0) and np.allclose(wi[solid], 5.0)
+
+
+def test_training_prompts_read_around_unknown_words():
+    """Word dropout never touches the words that carry the scene; unseen tokens end as the unknown token."""
+    from safealign.world.model import make_text_encoder, make_tokenizer
+    from safealign.world.train import WorldConfig, _Prompts
+    tok = make_tokenizer()
+    aug = _Prompts(tok, WorldConfig(word_dropout=0.5, unk_insert=0.5), random.Random(0))
+    prompt = "a photo of a big red knife on a gray background on the left side"
+    scene_words = ["red", "knife", "gray", "left"]
+    fillers = [w for w in prompt.split() if w not in scene_words]
+    kept = []
+    for row in aug([prompt] * 200).tolist():
+        words = [t[:-len("</w>")] for t in tok.convert_ids_to_tokens(row) if t.endswith("</w>")]
+        assert [w for w in words if w in scene_words] == scene_words  # all there, in order
+        kept.append(sum(w not in scene_words for w in words) / len(fillers))
+    assert 0.4 < np.mean(kept) < 0.6  # half the filler words dropped
+    assert len(aug([""])[0]) == tok.model_max_length
+    with pytest.raises(Exception, match="word_dropout"):
+        WorldConfig(word_dropout=1.0)
+
+    torch.manual_seed(0)
+    te = make_text_encoder(tok)
+    emb = te.get_input_embeddings().weight
+    before = emb.detach().clone()
+    unk, huge, photo = tok.unk_token_id, tok.convert_tokens_to_ids("huge</w>"), tok.convert_tokens_to_ids("photo</w>")
+    assert not torch.equal(before[huge], before[unk])
+    n = aug.unseen_to_unknown(te)
+    assert n > 0
+    assert torch.equal(emb[huge], before[unk])    # "huge" (held out) was never trained: read as unknown
+    assert torch.equal(emb[photo], before[photo])  # a training word keeps its own embedding
+
+
 # -- shipped weights --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shipped():

@@ -5,11 +5,14 @@ and takes under 30 minutes on 2 CPU cores (``quick=True``: about a minute, for t
 the fly (a render costs ~0.1 ms), so no stage ever sees the same image twice and nothing is cached on disk.
 
 Stages:
-1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction, a tiny KL; then the latent scaling factor is set
-   so scaled latents have unit variance, as in SD.
+1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction with the object's pixels weighted 5x (unweighted,
+   the plain background dominates and object colours drift: yellow came back orange), a tiny KL; then the latent
+   scaling factor is set so scaled latents have unit variance, as in SD.
 2. Judge: renders + degradations, a third of each batch round-tripped through the VAE.
 3. Text encoder + UNet, jointly from scratch, DDPM epsilon loss with min-SNR weighting; training phrasings only,
-   the prompt dropped (empty string) 10% of the time so classifier-free guidance works.
+   the prompt dropped (empty string) 10% of the time so classifier-free guidance works; filler words dropped to
+   the unknown token so that words training never saw (given the unknown token's embedding at the end) do not
+   derail the model (see :class:`_Prompts`).
 4. Quality: judge accuracy on held-out renders; hazard rates and attribute accuracy of the model on held-out
    phrasings at the default sampling settings; judge vs nearest-render agreement on generated images.
 """
@@ -35,8 +38,8 @@ from ..errors import SafealignError
 from ..utils import progress
 from . import model as M
 from .judge import train_judge
-from .render import render_batch
-from .scene import Scene, sample_scene, scene_prompt
+from .render import object_mask, render_batch
+from .scene import BACKGROUNDS, COLOURS, OBJECTS, POSITIONS, Scene, sample_scene, scene_prompt
 
 logger = logging.getLogger("safealign")
 
@@ -51,6 +54,8 @@ class WorldConfig:
     vae_steps: int = field(600, "VAE optimisation steps")
     vae_batch: int = field(32, "VAE batch size")
     vae_lr: float = field(1e-3, "VAE peak learning rate")
+    vae_object_weight: float = field(4.0, "extra reconstruction weight on the object's pixels (its colour is an "
+                                          "attribute; the plain background dominates an unweighted loss)")
     judge_steps: int = field(1000, "judge optimisation steps")
     judge_batch: int = field(64, "judge batch size")
     judge_lr: float = field(2e-3, "judge peak learning rate")
@@ -60,6 +65,9 @@ class WorldConfig:
     ema_decay: float = field(0.999, "decay of the weight EMA that ships (0 = ship the last weights)")
     cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
     min_snr_gamma: float = field(5.0, "min-SNR loss weighting (0 = off)")
+    word_dropout: float = field(0.15, "probability that a filler word (not an object, colour, background or "
+                                      "position) is replaced by the unknown token in training")
+    unk_insert: float = field(0.3, "probability of inserting an unknown token at a random place in a training prompt")
     sample_steps: int = field(M.DEFAULT_STEPS, "default DPM-Solver++ steps recorded in the pipeline")
     guidance: float = field(M.DEFAULT_GUIDANCE, "default classifier-free guidance recorded in the pipeline")
     eval_per_concept: int = field(6, "held-out prompt pairs per hazard concept in the quality check")
@@ -72,6 +80,9 @@ class WorldConfig:
                 raise SafealignError(f"world config {f.name} must be >= 0, got {v}")
         if not 0 <= self.ema_decay < 1:
             raise SafealignError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("word_dropout", "unk_insert"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SafealignError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.cond_dropout < 1:
             raise SafealignError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
@@ -107,6 +118,12 @@ class _Scenes:
         return _to_pixels(render_batch(scenes)), scenes
 
 
+def _object_weights(scenes: list[Scene], extra: float) -> torch.Tensor:
+    """(N, 1, H, W) per-pixel loss weights: 1 on the background, 1 + ``extra`` on the object (anti-aliased)."""
+    m = np.stack([object_mask(s) for s in scenes])
+    return torch.from_numpy(1.0 + extra * m).unsqueeze(1)
+
+
 # -- stage 1: VAE -----------------------------------------------------------------------------------------------
 def train_vae(cfg: WorldConfig):
     torch.manual_seed(cfg.seed)
@@ -117,10 +134,12 @@ def train_vae(cfg: WorldConfig):
     vae.train()
     bar = progress(range(cfg.vae_steps), desc="vae")
     for step in bar:
-        x, _ = data.batch(cfg.vae_batch)
+        x, scenes = data.batch(cfg.vae_batch)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        w = _object_weights(scenes, cfg.vae_object_weight)
+        err = (rec - x).abs() + (rec - x).pow(2)
+        loss = (err * w).sum() / (w.sum() * x.shape[1]) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -146,6 +165,49 @@ def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- stage 3: text encoder + UNet -------------------------------------------------------------------------------
+class _Prompts:
+    """Token ids for training prompts, with unknown-word augmentation, and the record of which tokens training saw.
+
+    A user's prompt can hold words the text encoder never met in training (our held-out phrasings do). Training
+    teaches the model to read around unknown words: a filler word is replaced by the tokenizer's unknown token with
+    probability ``word_dropout``, and an unknown token is inserted at a random place with probability
+    ``unk_insert``. The words that carry the scene (object, colour, background, position) are never touched.
+    After training, :meth:`unseen_to_unknown` gives every token that training never used the unknown token's
+    embedding -- what a tokenizer that did not know the word would have produced.
+    """
+
+    def __init__(self, tokenizer, cfg: WorldConfig, rng: random.Random):
+        self.tok, self.cfg, self.rng = tokenizer, cfg, rng
+        self.unk = tokenizer.unk_token_id
+        self.pad = tokenizer.pad_token_id
+        keep_words = set(OBJECTS) | set(COLOURS) | set(BACKGROUNDS) | set(POSITIONS) | {"middle"}
+        self.keep = {i for w in keep_words for i in tokenizer(w, add_special_tokens=False).input_ids}
+        self.seen = {tokenizer.bos_token_id, tokenizer.eos_token_id, self.pad, self.unk}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        n = self.tok.model_max_length
+        out = []
+        for ids in self.tok(prompts, add_special_tokens=True).input_ids:
+            bos, inner, eos = ids[0], ids[1:-1], ids[-1]
+            if inner:
+                inner = [self.unk if t not in self.keep and self.rng.random() < self.cfg.word_dropout else t
+                         for t in inner]
+                if self.rng.random() < self.cfg.unk_insert:
+                    inner.insert(self.rng.randint(0, len(inner)), self.unk)
+            row = ([bos] + inner)[:n - 1] + [eos]
+            self.seen.update(row)
+            out.append(row + [self.pad] * (n - len(row)))
+        return torch.tensor(out)
+
+    @torch.no_grad()
+    def unseen_to_unknown(self, text_encoder) -> int:
+        """Give every token id training never used the unknown token's embedding; returns how many."""
+        emb = text_encoder.get_input_embeddings().weight
+        unseen = [i for i in range(emb.shape[0]) if i not in self.seen]
+        emb[unseen] = emb[self.unk].clone()
+        return len(unseen)
+
+
 class _EMA:
     """An exponential moving average of parameters, with the usual warm-up ``min(decay, (1+n)/(10+n))``."""
 
@@ -180,6 +242,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, min(150, cfg.unet_steps)))
     data = _Scenes(cfg.seed * 7 + 3)
     prng = random.Random(cfg.seed * 7 + 4)
+    tokens = _Prompts(tokenizer, cfg, random.Random(cfg.seed * 7 + 6))
     g = torch.Generator().manual_seed(cfg.seed * 7 + 5)
     scale = vae.config.scaling_factor
     ema = _EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -192,8 +255,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
         prompts = ["" if prng.random() < cfg.cond_dropout else scene_prompt(s, prng) for s in scenes]
         with torch.no_grad():
             lat = vae.encode(x).latent_dist.mean * scale
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokens(prompts)
         cond = text_encoder(ids)[0]
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),), generator=g)
@@ -219,6 +281,8 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
             bar.set_postfix(loss=f"{ema_loss:.4f}")
     if ema is not None:
         ema.copy_to_params()
+    n_unseen = tokens.unseen_to_unknown(text_encoder)
+    logger.info("world build: %d token ids unseen in training now read as the unknown token", n_unseen)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return text_encoder, unet, {"unet/final_loss": ema_loss}
