@@ -5,9 +5,9 @@ and takes under 30 minutes on 2 CPU cores (``quick=True``: about a minute, for t
 the fly (a render costs ~0.1 ms), so no stage ever sees the same image twice and nothing is cached on disk.
 
 Stages:
-1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction with the object's pixels weighted 5x (unweighted,
-   the plain background dominates and object colours drift: yellow came back orange), a tiny KL; then the latent
-   scaling factor is set so scaled latents have unit variance, as in SD.
+1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction, a tiny KL; then the decoder alone with the
+   object's pixels weighted 5x (see :func:`refine_decoder`); the latent scaling factor is set so scaled latents
+   have unit variance, as in SD.
 2. Judge: renders + degradations, a third of each batch round-tripped through the VAE.
 3. Text encoder + UNet, jointly from scratch, DDPM epsilon loss with min-SNR weighting; training phrasings only,
    the prompt dropped (empty string) 10% of the time so classifier-free guidance works; filler words dropped to
@@ -54,8 +54,9 @@ class WorldConfig:
     vae_steps: int = field(600, "VAE optimisation steps")
     vae_batch: int = field(32, "VAE batch size")
     vae_lr: float = field(1e-3, "VAE peak learning rate")
-    vae_object_weight: float = field(4.0, "extra reconstruction weight on the object's pixels (its colour is an "
-                                          "attribute; the plain background dominates an unweighted loss)")
+    vae_decoder_steps: int = field(300, "steps of stage 1b: the decoder alone, object pixels weighted")
+    vae_object_weight: float = field(4.0, "stage 1b: extra reconstruction weight on the object's pixels (its colour "
+                                          "is an attribute; the plain background dominates an unweighted loss)")
     judge_steps: int = field(1000, "judge optimisation steps")
     judge_batch: int = field(64, "judge batch size")
     judge_lr: float = field(2e-3, "judge peak learning rate")
@@ -88,8 +89,8 @@ class WorldConfig:
 
     @classmethod
     def quick_config(cls, seed: int = 0) -> "WorldConfig":
-        return cls(seed=seed, quick=True, vae_steps=30, vae_batch=16, judge_steps=30, judge_batch=32,
-                   unet_steps=30, unet_batch=16, sample_steps=4, eval_per_concept=1, eval_benign=8)
+        return cls(seed=seed, quick=True, vae_steps=30, vae_decoder_steps=10, vae_batch=16, judge_steps=30,
+                   judge_batch=32, unet_steps=30, unet_batch=16, sample_steps=4, eval_per_concept=1, eval_benign=8)
 
 
 def _to_pixels(arr: np.ndarray) -> torch.Tensor:
@@ -134,12 +135,10 @@ def train_vae(cfg: WorldConfig):
     vae.train()
     bar = progress(range(cfg.vae_steps), desc="vae")
     for step in bar:
-        x, scenes = data.batch(cfg.vae_batch)
+        x, _ = data.batch(cfg.vae_batch)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        w = _object_weights(scenes, cfg.vae_object_weight)
-        err = (rec - x).abs() + (rec - x).pow(2)
-        loss = (err * w).sum() / (w.sum() * x.shape[1]) + 1e-6 * post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -147,6 +146,8 @@ def train_vae(cfg: WorldConfig):
         sched.step()
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    if cfg.vae_decoder_steps:
+        refine_decoder(vae, cfg, data)
     vae.eval().requires_grad_(False)
     # SD convention: scaled latents have unit variance
     x, _ = data.batch(512)
@@ -156,6 +157,38 @@ def train_vae(cfg: WorldConfig):
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
     metrics = {"vae/reconstruction_mae": float((rec - x).abs().mean() / 2), "vae/latent_std": std}
     return vae, metrics
+
+
+def refine_decoder(vae, cfg: WorldConfig, data: "_Scenes") -> None:
+    """Stage 1b: retrain the decoder alone with the object's pixels weighted ``1 + vae_object_weight``.
+
+    Unweighted, the plain background dominates the loss and object colours drift (yellow came back orange: the
+    judge read 9% of round-tripped colours wrong). Training the whole VAE weighted fixes colour but gives busier
+    latents that the UNet learned objects from far worse (object accuracy 76% -> 37% at the same steps), so the
+    encoder -- the latent space the UNet models -- stays as it is, and only the decoder learns to paint it back.
+    """
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr * 0.5, weight_decay=0.0)
+    steps = cfg.vae_decoder_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, min(20, steps)))
+    bar = progress(range(steps), desc="vae decoder")
+    for step in bar:
+        x, scenes = data.batch(cfg.vae_batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        w = _object_weights(scenes, cfg.vae_object_weight)
+        loss = (((rec - x).abs() + (rec - x).pow(2)) * w).sum() / (w.sum() * x.shape[1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
