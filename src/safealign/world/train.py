@@ -5,14 +5,13 @@ and takes under 30 minutes on 2 CPU cores (``quick=True``: about a minute, for t
 the fly (a render costs ~0.1 ms), so no stage ever sees the same image twice and nothing is cached on disk.
 
 Stages:
-1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction, a tiny KL; then the decoder alone with the
-   object's pixels weighted 5x (see :func:`refine_decoder`); the latent scaling factor is set so scaled latents
+1. VAE (AutoencoderKL 32x32x3 -> 8x8x4): L1 + MSE reconstruction, a tiny KL (optionally then the decoder alone
+   with the object's pixels weighted, :func:`refine_decoder`); the latent scaling factor is set so scaled latents
    have unit variance, as in SD.
 2. Judge: renders + degradations, a third of each batch round-tripped through the VAE.
 3. Text encoder + UNet, jointly from scratch, DDPM epsilon loss with min-SNR weighting; training phrasings only,
-   the prompt dropped (empty string) 10% of the time so classifier-free guidance works; filler words dropped to
-   the unknown token so that words training never saw (given the unknown token's embedding at the end) do not
-   derail the model (see :class:`_Prompts`).
+   the prompt dropped (empty string) 10% of the time so classifier-free guidance works; at the end every token
+   training prompts never contain is given the unknown token's embedding (:func:`unseen_to_unknown`).
 4. Quality: judge accuracy on held-out renders; hazard rates and attribute accuracy of the model on held-out
    phrasings at the default sampling settings; judge vs nearest-render agreement on generated images.
 """
@@ -25,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ class WorldConfig:
     vae_steps: int = field(600, "VAE optimisation steps")
     vae_batch: int = field(32, "VAE batch size")
     vae_lr: float = field(1e-3, "VAE peak learning rate")
-    vae_decoder_steps: int = field(300, "steps of stage 1b: the decoder alone, object pixels weighted")
+    vae_decoder_steps: int = field(0, "steps of stage 1b: the decoder alone, object pixels weighted")
     vae_object_weight: float = field(4.0, "stage 1b: extra reconstruction weight on the object's pixels (its colour "
                                           "is an attribute; the plain background dominates an unweighted loss)")
     judge_steps: int = field(1000, "judge optimisation steps")
@@ -66,9 +66,9 @@ class WorldConfig:
     ema_decay: float = field(0.999, "decay of the weight EMA that ships (0 = ship the last weights)")
     cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
     min_snr_gamma: float = field(5.0, "min-SNR loss weighting (0 = off)")
-    word_dropout: float = field(0.15, "probability that a filler word (not an object, colour, background or "
+    word_dropout: float = field(0.0, "probability that a filler word (not an object, colour, background or "
                                       "position) is replaced by the unknown token in training")
-    unk_insert: float = field(0.3, "probability of inserting an unknown token at a random place in a training prompt")
+    unk_insert: float = field(0.0, "probability of inserting an unknown token at a random place in a training prompt")
     sample_steps: int = field(M.DEFAULT_STEPS, "default DPM-Solver++ steps recorded in the pipeline")
     guidance: float = field(M.DEFAULT_GUIDANCE, "default classifier-free guidance recorded in the pipeline")
     eval_per_concept: int = field(6, "held-out prompt pairs per hazard concept in the quality check")
@@ -166,6 +166,11 @@ def refine_decoder(vae, cfg: WorldConfig, data: "_Scenes") -> None:
     judge read 9% of round-tripped colours wrong). Training the whole VAE weighted fixes colour but gives busier
     latents that the UNet learned objects from far worse (object accuracy 76% -> 37% at the same steps), so the
     encoder -- the latent space the UNet models -- stays as it is, and only the decoder learns to paint it back.
+
+    Off by default (``vae_decoder_steps=0``): it brings round-tripped colours back (green-channel error on yellow
+    and red objects 55 -> 7-14 of 255; the judge reads 99.8% of round-tripped colours right), but a whole world
+    built with it measured worse than the shipped one (held-out hazard rate 74.6% vs 77.8%, benign prompts 21.9%
+    vs 9.4%, model colour accuracy 92.0% vs 91.4%): the model's colour errors are the UNet's, not the VAE's.
     """
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     vae.requires_grad_(False)
@@ -198,15 +203,41 @@ def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- stage 3: text encoder + UNet -------------------------------------------------------------------------------
-class _Prompts:
-    """Token ids for training prompts, with unknown-word augmentation, and the record of which tokens training saw.
+def training_token_ids(tokenizer) -> set[int]:
+    """The token ids training prompts can contain: the words of the training phrasings, every object, colour and
+    background word, and the special tokens (the unknown token among them)."""
+    from .scene import all_phrasing_strings
+    texts = [re.sub(r"\{\w+\}", " ", t) for t in all_phrasing_strings(held_out=False)]  # punctuation too
+    texts += list(OBJECTS) + list(COLOURS) + list(BACKGROUNDS) + ["a", "an"]
+    ids = {i for t in texts for i in tokenizer(t, add_special_tokens=False).input_ids}
+    return ids | {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
 
-    A user's prompt can hold words the text encoder never met in training (our held-out phrasings do). Training
-    teaches the model to read around unknown words: a filler word is replaced by the tokenizer's unknown token with
-    probability ``word_dropout``, and an unknown token is inserted at a random place with probability
-    ``unk_insert``. The words that carry the scene (object, colour, background, position) are never touched.
-    After training, :meth:`unseen_to_unknown` gives every token that training never used the unknown token's
-    embedding -- what a tokenizer that did not know the word would have produced.
+
+@torch.no_grad()
+def unseen_to_unknown(text_encoder, tokenizer) -> int:
+    """Give every token that training prompts never contain the unknown token's embedding; returns how many.
+
+    A word the text encoder never met in training (our held-out phrasings have some: "huge", "illustration",
+    "centre") otherwise keeps its random initial embedding and steers the model somewhere arbitrary; read as the
+    unknown token -- what a tokenizer that did not know the word would give -- it is passed over. On the shipped
+    weights this lifted the hazard rate under held-out unsafe prompts from 77.8% to 86.5% and object accuracy from
+    75.9% to 82.7%, with no retraining.
+    """
+    emb = text_encoder.get_input_embeddings().weight
+    seen = training_token_ids(tokenizer)
+    unk = tokenizer.unk_token_id
+    unseen = [i for i in range(emb.shape[0]) if i not in seen]
+    emb[unseen] = emb[unk].clone()
+    return len(unseen)
+
+
+class _Prompts:
+    """Token ids for training prompts, optionally with unknown-word augmentation (off by default).
+
+    ``word_dropout`` replaces a filler word by the tokenizer's unknown token, ``unk_insert`` inserts an unknown
+    token at a random place; the words that carry the scene (object, colour, background, position) are never
+    touched. Meant to teach the model to read around unknown words, it made the world model worse (held-out
+    unsafe-prompt hazard rate 74.6% -> 63.5%, object accuracy 67.7% -> 52.4% at 0.15 / 0.3), so it stays off.
     """
 
     def __init__(self, tokenizer, cfg: WorldConfig, rng: random.Random):
@@ -215,30 +246,20 @@ class _Prompts:
         self.pad = tokenizer.pad_token_id
         keep_words = set(OBJECTS) | set(COLOURS) | set(BACKGROUNDS) | set(POSITIONS) | {"middle"}
         self.keep = {i for w in keep_words for i in tokenizer(w, add_special_tokens=False).input_ids}
-        self.seen = {tokenizer.bos_token_id, tokenizer.eos_token_id, self.pad, self.unk}
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         n = self.tok.model_max_length
         out = []
         for ids in self.tok(prompts, add_special_tokens=True).input_ids:
             bos, inner, eos = ids[0], ids[1:-1], ids[-1]
-            if inner:
+            if inner and (self.cfg.word_dropout or self.cfg.unk_insert):
                 inner = [self.unk if t not in self.keep and self.rng.random() < self.cfg.word_dropout else t
                          for t in inner]
                 if self.rng.random() < self.cfg.unk_insert:
                     inner.insert(self.rng.randint(0, len(inner)), self.unk)
             row = ([bos] + inner)[:n - 1] + [eos]
-            self.seen.update(row)
             out.append(row + [self.pad] * (n - len(row)))
         return torch.tensor(out)
-
-    @torch.no_grad()
-    def unseen_to_unknown(self, text_encoder) -> int:
-        """Give every token id training never used the unknown token's embedding; returns how many."""
-        emb = text_encoder.get_input_embeddings().weight
-        unseen = [i for i in range(emb.shape[0]) if i not in self.seen]
-        emb[unseen] = emb[self.unk].clone()
-        return len(unseen)
 
 
 class _EMA:
@@ -314,8 +335,9 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
             bar.set_postfix(loss=f"{ema_loss:.4f}")
     if ema is not None:
         ema.copy_to_params()
-    n_unseen = tokens.unseen_to_unknown(text_encoder)
-    logger.info("world build: %d token ids unseen in training now read as the unknown token", n_unseen)
+    n_unseen = unseen_to_unknown(text_encoder, tokenizer)
+    logger.info("world build: %d token ids that training prompts never contain now read as the unknown token",
+                n_unseen)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return text_encoder, unet, {"unet/final_loss": ema_loss}
