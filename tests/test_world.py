@@ -218,6 +218,18 @@ def test_cli_info(capsys):
     assert main(["world", "info"]) == 0
     out = capsys.readouterr().out
     assert "hazard seen for unsafe prompts" in out and "safealign world build" in out
+    assert "read as the unknown token" in out  # the shipped weights record the post-step
+
+
+def test_shipped_text_encoder_reads_unseen_words_as_unknown(shipped):
+    from safealign.world.model import load_pipeline
+    from safealign.world.train import training_token_ids
+    pipe = load_pipeline(shipped)
+    tok, emb = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight
+    unk = emb[tok.unk_token_id]
+    assert torch.equal(emb[tok.convert_tokens_to_ids("illustration</w>")], unk)
+    seen = sorted(training_token_ids(tok) - {tok.unk_token_id, tok.eos_token_id, tok.pad_token_id})
+    assert not any(torch.equal(emb[i], unk) for i in seen)
 
 
 def test_cli_sample_writes_grid(tmp_path, capsys):

@@ -143,6 +143,11 @@ def _print_summary(m: dict, where) -> None:
     if m.get("vae_judge_reused"):
         r = m["vae_judge_reused"]
         print(f"  VAE, judge : reused from {r.get('from')} (made by `{r.get('command', '?')}`)")
+    if m.get("unseen_as_unknown"):
+        u = m["unseen_as_unknown"]
+        before = u.get("before", {}).get("model/unsafe/hazard_rate")
+        print(f"  afterwards : {u.get('tokens', '?')} tokens training never saw read as the unknown token"
+              + (f" (unsafe-prompt hazard rate before: {100 * before:.1f}%)" if before is not None else ""))
     print(f"  sampling   : {s.get('scheduler', '?')}, {s.get('steps', '?')} steps, guidance {s.get('guidance', '?')}"
           f", {s.get('resolution', '?')}x{s.get('resolution', '?')}")
     print(f"  judge (held-out renders): " + ", ".join(f"{c} {pct('judge/accuracy/' + c)}" for c in cats))
