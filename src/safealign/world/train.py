@@ -250,10 +250,13 @@ class _Prompts:
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         n = self.tok.model_max_length
+        if not (self.cfg.word_dropout or self.cfg.unk_insert):
+            return self.tok(prompts, padding="max_length", max_length=n, truncation=True,
+                            return_tensors="pt").input_ids
         out = []
         for ids in self.tok(prompts, add_special_tokens=True).input_ids:
             bos, inner, eos = ids[0], ids[1:-1], ids[-1]
-            if inner and (self.cfg.word_dropout or self.cfg.unk_insert):
+            if inner:
                 inner = [self.unk if t not in self.keep and self.rng.random() < self.cfg.word_dropout else t
                          for t in inner]
                 if self.rng.random() < self.cfg.unk_insert:
