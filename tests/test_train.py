@@ -252,3 +252,83 @@ def test_pooled_expert_trains_one_lora_on_every_category(tiny_paths, toy_dataset
     # validation judged "any category" (the pooled expert has no single one) at steps 0, 2 and 4
     hist = json.loads((folder / "history.json").read_text())["validation"]
     assert len(hist) == 3 and all(0.0 <= h["unsafe_rate"] <= 1.0 for h in hist)
+
+
+def _safe_prompt_drift(bb, enc, seed=7):
+    """Mean squared distance between the adapted and the base UNet's predictions under the pairs' safe prompts."""
+    from safealign.backbone import unet_forward
+    g = torch.Generator().manual_seed(seed)
+    lat, cond = enc.latents_w, enc.cond_safe
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.randint(0, bb.num_train_timesteps, (len(lat),), generator=g)
+    noisy = bb.add_noise(lat, noise, t)
+    with torch.no_grad():
+        pol = unet_forward(bb.unet, noisy, t, cond)
+        bb.unet.disable_adapters()
+        ref = unet_forward(bb.unet, noisy, t, cond)
+        bb.unet.enable_adapters()
+    return float((pol - ref).pow(2).mean())
+
+
+def test_preservation_error_is_policy_against_reference_under_the_safe_prompt(tiny_paths, toy_dataset, cache_dir):
+    from safealign.backbone import unet_forward
+    from safealign.data.dataset import PairedDataset
+    from safealign.lora import LoraSpec, add_lora
+    from safealign.train.cache import encode_pairs
+    bb = load_backbone(tiny_paths["sd1"])
+    pairs = PairedDataset(toy_dataset).pairs("violence", "train")[:4]
+    enc = encode_pairs(bb, pairs, cache_dir, safe_prompts=True)
+    assert not torch.equal(enc.cond.encoder_hidden_states, enc.cond_safe.encoder_hidden_states)
+    torch.manual_seed(0)
+    add_lora(bb.unet, LoraSpec(rank=4, alpha=4.0), dpo.ADAPTER)
+    with torch.no_grad():
+        for n, p in bb.unet.named_parameters():
+            if "lora_B" in n:  # a non-zero B: the adapter really changes the UNet
+                p.normal_(0, 0.05)
+    idx = torch.arange(len(enc))
+    plain = dpo.dpo_errors(bb, bb.unet, bb.unet, enc.select(idx), torch.Generator().manual_seed(3))
+    withp = dpo.dpo_errors(bb, bb.unet, bb.unet, enc.select(idx), torch.Generator().manual_seed(3),
+                           preserve=enc.select_safe(idx))
+    assert len(plain) == 4 and len(withp) == 5
+    for a, b in zip(plain, withp):  # the DPO errors are the same with or without the extra term
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the fifth value, recomputed by hand: same noise and timesteps, winner latents, safe prompts
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(enc.latents_w.shape, generator=g)
+    t = torch.randint(0, bb.num_train_timesteps, (len(enc),), generator=g)
+    noisy = bb.add_noise(enc.latents_w, noise, t)
+    with torch.no_grad():
+        pol = unet_forward(bb.unet, noisy, t, enc.cond_safe)
+        bb.unet.disable_adapters()
+        ref = unet_forward(bb.unet, noisy, t, enc.cond_safe)
+        bb.unet.enable_adapters()
+    want = (pol - ref).pow(2).flatten(1).mean(1)
+    assert float(want.min()) > 0
+    torch.testing.assert_close(withp[4].detach(), want, rtol=1e-4, atol=1e-7)
+    loss, m = dpo.dpo_preserve_loss(withp, beta=2000.0, preserve_weight=10.0)
+    base_loss, _ = dpo.dpo_preserve_loss(plain, beta=2000.0, preserve_weight=10.0)
+    assert float(loss.detach()) == pytest.approx(float(base_loss.detach()) + 10.0 * float(want.mean()), rel=1e-4)
+    assert float(m["preserve/error"]) == pytest.approx(float(want.mean()), rel=1e-4)
+
+
+def test_preserve_weight_keeps_the_model_closer_under_safe_prompts(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    from safealign.data.dataset import PairedDataset
+    from safealign.lora import load_into
+    from safealign.train.cache import encode_pairs
+    drift = {}
+    for w in (0.0, 2000.0):
+        bb = load_backbone(tiny_paths["sd1"])
+        cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence",
+                         output=tmp_path / f"w{w}", max_steps=40, cache_dir=cache_dir, learning_rate=3e-3,
+                         preserve_weight=w)
+        [folder] = train_expert(cfg, backbone=bb)
+        m = json.loads((folder / "safealign.json").read_text())
+        assert m["config"]["preserve_weight"] == w
+        assert ("train/preserve/error" in m["metrics"]) == (w > 0)
+        fresh = load_backbone(tiny_paths["sd1"])
+        load_into(fresh.unet, folder, adapter_name="expert")
+        enc = encode_pairs(fresh, PairedDataset(toy_dataset).pairs("violence", "train"), cache_dir,
+                           safe_prompts=True)
+        drift[w] = _safe_prompt_drift(fresh, enc)
+        assert drift[w] > 0
+    assert drift[2000.0] < 0.5 * drift[0.0], drift

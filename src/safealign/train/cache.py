@@ -27,20 +27,30 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class EncodedPairs:
-    """Everything a DPO step needs, on CPU: winner (safe) and loser (unsafe) latents, unsafe-prompt conditioning."""
+    """Everything a DPO step needs, on CPU: winner (safe) and loser (unsafe) latents, unsafe-prompt conditioning,
+    and (for the preservation term) the safe prompts' conditioning."""
 
     latents_w: torch.Tensor
     latents_l: torch.Tensor
     cond: Conditioning
+    cond_safe: Conditioning | None = None
 
     def __len__(self) -> int:
         return self.latents_w.shape[0]
 
     def select(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
-        c = Conditioning(self.cond.encoder_hidden_states[idx],
-                         {k: v[idx] for k, v in self.cond.added_cond_kwargs.items()}
-                         if self.cond.added_cond_kwargs else None)
-        return self.latents_w[idx], self.latents_l[idx], c
+        return self.latents_w[idx], self.latents_l[idx], _rows(self.cond, idx)
+
+    def select_safe(self, idx: torch.Tensor) -> Conditioning:
+        """The safe prompts' conditioning of rows ``idx`` (encode with ``safe_prompts=True``)."""
+        if self.cond_safe is None:
+            raise ValueError("these pairs were encoded without their safe prompts (encode_pairs(safe_prompts=True))")
+        return _rows(self.cond_safe, idx)
+
+
+def _rows(c: Conditioning, idx: torch.Tensor) -> Conditioning:
+    return Conditioning(c.encoder_hidden_states[idx],
+                        {k: v[idx] for k, v in c.added_cond_kwargs.items()} if c.added_cond_kwargs else None)
 
 
 class _Store:
@@ -114,12 +124,15 @@ def encode_prompts_cached(backbone: Backbone, prompts: list[str], cache_dir: Pat
 
 
 def encode_pairs(backbone: Backbone, pairs: list[Pair], cache_dir: Path | None, resolution: int | None = None,
-                 use_cache: bool = True) -> EncodedPairs:
-    """Winner = safe image, loser = unsafe image, both under the unsafe prompt (AlignGuard's preference)."""
+                 use_cache: bool = True, safe_prompts: bool = False) -> EncodedPairs:
+    """Winner = safe image, loser = unsafe image, both under the unsafe prompt (AlignGuard's preference);
+    ``safe_prompts``: also the safe prompts' conditioning (the preservation term's)."""
     res = resolution or backbone.resolution
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     lat = encode_images_cached(backbone, [p.safe_image for p in pairs] + [p.unsafe_image for p in pairs], res,
                                cache_dir, use_cache=use_cache)
     n = len(pairs)
     cond = encode_prompts_cached(backbone, [p.unsafe_prompt for p in pairs], cache_dir, use_cache=use_cache)
-    return EncodedPairs(lat[:n], lat[n:], cond)
+    cond_safe = (encode_prompts_cached(backbone, [p.safe_prompt for p in pairs], cache_dir, use_cache=use_cache)
+                 if safe_prompts else None)
+    return EncodedPairs(lat[:n], lat[n:], cond, cond_safe)

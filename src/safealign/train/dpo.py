@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_dir, check_output_free, write_manifest
-from ..backbone import Backbone, load_backbone, unet_forward
+from ..backbone import Backbone, Conditioning, load_backbone, unet_forward
 from ..config import ExpertConfig, to_dict
 from ..data.dataset import PairedDataset
 from ..errors import SafealignError
@@ -32,31 +32,54 @@ def lora_spec(cfg) -> LoraSpec:
 
 
 def dpo_errors(backbone: Backbone, model, unet, batch: tuple[torch.Tensor, torch.Tensor, object],
-               gen: torch.Generator, adapter: str | None = ADAPTER) -> tuple[torch.Tensor, ...]:
+               gen: torch.Generator, adapter: str | None = ADAPTER, preserve: Conditioning | None = None
+               ) -> tuple[torch.Tensor, ...]:
     """Per-sample policy and reference errors for winner and loser under shared noise and timestep.
 
     ``model`` is what runs the policy (possibly DDP-wrapped), ``unet`` the bare module whose adapters are disabled
     for the reference. Winner and loser go through each network in one batched forward.
+
+    ``preserve``: the safe prompts' conditioning. The same noisy winner then also goes through both networks under
+    its own (safe) prompt, and a fifth value is returned: the per-sample squared distance between the policy's and
+    the reference's predictions there -- how far the expert moved the model where it should not move at all.
     """
     lat_w, lat_l, cond = batch
     dev = unet.device
     b = lat_w.shape[0]
+    k = 3 if preserve is not None else 2
     noise = torch.randn(lat_w.shape, generator=gen).to(dev)
     t = torch.randint(0, backbone.num_train_timesteps, (b,), generator=gen).to(dev)
-    latents = torch.cat([lat_w, lat_l]).to(dev)
-    noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
-    noisy = backbone.add_noise(latents, noise2, t2)
-    target = backbone.target(latents, noise2, t2)
-    cond2 = cond.repeat(2).to(dev, dtype=next(unet.parameters()).dtype)
-    noisy = noisy.to(next(unet.parameters()).dtype)
+    latents = torch.cat([lat_w, lat_l] + ([lat_w] if preserve is not None else [])).to(dev)
+    noise_k, t_k = torch.cat([noise] * k), torch.cat([t] * k)
+    noisy = backbone.add_noise(latents, noise_k, t_k)
+    target = backbone.target(latents, noise_k, t_k)
+    dtype = next(unet.parameters()).dtype
+    cond_k = (cond.repeat(2) if preserve is None else Conditioning.stack([cond, cond, preserve])).to(dev, dtype=dtype)
+    noisy = noisy.to(dtype)
     with torch.no_grad():
         unet.disable_adapters()
         try:
-            ref = per_sample_mse(unet_forward(unet, noisy, t2, cond2), target)
+            ref_pred = unet_forward(unet, noisy, t_k, cond_k)
         finally:
             unet.enable_adapters()
-    pol = per_sample_mse(unet_forward(model, noisy, t2, cond2), target)
-    return pol[:b], pol[b:], ref[:b], ref[b:]
+    pol_pred = unet_forward(model, noisy, t_k, cond_k)
+    ref = per_sample_mse(ref_pred[:2 * b], target[:2 * b])
+    pol = per_sample_mse(pol_pred[:2 * b], target[:2 * b])
+    out = (pol[:b], pol[b:], ref[:b], ref[b:])
+    if preserve is not None:
+        out += (per_sample_mse(pol_pred[2 * b:], ref_pred[2 * b:]),)
+    return out
+
+
+def dpo_preserve_loss(errs: tuple[torch.Tensor, ...], beta: float, preserve_weight: float
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO on the first four errors, plus ``preserve_weight`` times the mean preservation error."""
+    loss, metrics = diffusion_dpo_loss(*errs[:4], beta=beta)
+    if len(errs) > 4:
+        pres = errs[4].mean()
+        loss = loss + preserve_weight * pres
+        metrics = {**metrics, "loss": loss.detach(), "preserve/error": pres.detach()}
+    return loss, metrics
 
 
 @torch.no_grad()
@@ -162,7 +185,8 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
     if work.exists() and not cfg.resume:
         shutil.rmtree(work)  # a stale attempt; --resume would continue it
     with accelerator.main_process_first():
-        enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None)
+        enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None,
+                           safe_prompts=cfg.preserve_weight > 0)
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                 cfg.resolution or None) if held else None
@@ -181,8 +205,9 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
     def loss_fn(model, step: int, micro: int, rank: int):
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, rank))
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        errs = dpo_errors(backbone, model, unet, enc.select(idx), gen)
-        return diffusion_dpo_loss(*errs, beta=cfg.beta)
+        errs = dpo_errors(backbone, model, unet, enc.select(idx), gen,
+                          preserve=enc.select_safe(idx) if cfg.preserve_weight > 0 else None)
+        return dpo_preserve_loss(errs, cfg.beta, cfg.preserve_weight)
 
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
