@@ -319,7 +319,7 @@ def test_preserve_weight_keeps_the_model_closer_under_safe_prompts(tiny_paths, t
     for w in (0.0, 2000.0):
         bb = load_backbone(tiny_paths["sd1"])
         cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence",
-                         output=tmp_path / f"w{w}", max_steps=40, cache_dir=cache_dir, learning_rate=3e-3,
+                         output=tmp_path / f"w{w}", max_steps=20, cache_dir=cache_dir, learning_rate=3e-3,
                          preserve_weight=w)
         [folder] = train_expert(cfg, backbone=bb)
         m = json.loads((folder / "safealign.json").read_text())
@@ -331,4 +331,4 @@ def test_preserve_weight_keeps_the_model_closer_under_safe_prompts(tiny_paths, t
                            safe_prompts=True)
         drift[w] = _safe_prompt_drift(fresh, enc)
         assert drift[w] > 0
-    assert drift[2000.0] < 0.5 * drift[0.0], drift
+    assert drift[2000.0] < 0.1 * drift[0.0], drift
