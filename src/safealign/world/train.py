@@ -220,8 +220,8 @@ def unseen_to_unknown(text_encoder, tokenizer) -> int:
 
     A word the text encoder never met in training (our held-out phrasings have some: "huge", "illustration",
     "centre") otherwise keeps its random initial embedding and steers the model somewhere arbitrary; read as the
-    unknown token -- what a tokenizer that did not know the word would give -- it is passed over. On the shipped
-    weights this lifted the hazard rate under held-out unsafe prompts from 77.8% to 86.5% and object accuracy from
+    unknown token -- what a tokenizer that did not know the word would give -- it is passed over. On the world
+    shipped before pooled text conditioning this lifted the hazard rate under held-out unsafe prompts from 77.8% to 86.5% and object accuracy from
     75.9% to 82.7%, with no retraining.
     """
     emb = text_encoder.get_input_embeddings().weight
@@ -344,7 +344,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
                 n_unseen)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    return text_encoder, unet, {"unet/final_loss": ema_loss}
+    return text_encoder, unet, {"unet/final_loss": ema_loss, "text/unseen_as_unknown": n_unseen}
 
 
 # -- the whole build --------------------------------------------------------------------------------------------
@@ -430,8 +430,10 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
             if reuse_vae_judge is not None:
                 vae, judge, src = _load_vae_judge(Path(reuse_vae_judge))
                 metrics.update({k: v for k, v in src.get("metrics", {}).items() if k.startswith("vae/")})
-                reused = {"from": str(reuse_vae_judge), "command": src.get("command"),
-                          "config": src.get("config"), "timings_s": src.get("timings_s")}
+                # a folder that itself reused its VAE and judge passes on who really made them
+                maker = src.get("vae_judge_reused") or src
+                reused = {"from": str(reuse_vae_judge), "command": maker.get("command"),
+                          "config": maker.get("config"), "timings_s": maker.get("timings_s")}
                 logger.info("world build: VAE and judge reused from %s", reuse_vae_judge)
             else:
                 t0 = time.perf_counter()
