@@ -164,7 +164,8 @@ def test_attribute_accuracy_against_the_prompt():
     assert acc["colour"]["value"] == pytest.approx(2 / 3)
     assert acc["background"]["value"] == 1.0
     assert acc["position"] == {"value": 1.0, "n": 1}  # only the first prompt names a position
-    assert acc["mean"] == pytest.approx(np.mean([2 / 3, 2 / 3, 1.0, 1.0]))
+    assert acc["mean"] == pytest.approx(np.mean([2 / 3, 2 / 3, 1.0]))  # position is reported, not averaged
+    assert M.attribute_accuracy(pred, prompts, mean_over=("object", "position"))["mean"] == pytest.approx(5 / 6)
 
 
 # -- judges -----------------------------------------------------------------------------------------------------

@@ -159,10 +159,19 @@ def clip_score(clip, images: np.ndarray, prompts: Sequence[str]) -> dict:
 
 # -- attribute accuracy (the mini world's CLIP score) --------------------------------------------------------
 
+#: the attributes the world's benign attribute accuracy averages (the world issue's: object, colour, background)
+MEAN_ATTRIBUTES = ("object", "colour", "background")
+
+
 def attribute_accuracy(predicted: Mapping[str, Sequence[str]], prompts: Sequence[str],
-                       attributes: Sequence[str] = ("object", "colour", "background", "position")) -> dict:
+                       attributes: Sequence[str] = ("object", "colour", "background", "position"),
+                       mean_over: Sequence[str] = MEAN_ATTRIBUTES) -> dict:
     """Per attribute: the fraction of images whose judged attribute equals the one the prompt names (prompts that
-    name none are skipped); ``mean`` over attributes."""
+    name none are skipped); ``mean`` over the ``mean_over`` attributes.
+
+    Position is reported but not averaged by default: the world model does not follow position words (its accuracy
+    is at chance, 0.27-0.47 on 11-38 images), so averaging it in only added noise and diluted any loss.
+    """
     from ..world.scene import parse_prompt
     truth = [parse_prompt(p) for p in prompts]
     out: dict = {}
@@ -172,6 +181,6 @@ def attribute_accuracy(predicted: Mapping[str, Sequence[str]], prompts: Sequence
         pairs = [(p, t[a]) for p, t in zip(predicted[a], truth) if t[a] is not None]
         if pairs:
             out[a] = {"value": float(np.mean([p == t for p, t in pairs])), "n": len(pairs)}
-    vals = [v["value"] for v in out.values()]
+    vals = [v["value"] for k, v in out.items() if k in mean_over]
     out["mean"] = float(np.mean(vals)) if vals else float("nan")
     return out
