@@ -275,6 +275,15 @@ def test_world_build_quick_end_to_end(tmp_path, capsys):
     assert generate(pipe, ["a red knife on a gray background"], steps=2).shape == (1, 32, 32, 3)
     assert len(load_judge(out / "judge")(np.zeros((2, 32, 32, 3), np.uint8))) == 2
     assert main(["world", "info", "--model", str(out)]) == 0
+    # stage 3 again on this VAE and judge, then again on that: the record names who really made them
+    out2, out3 = tmp_path / "again", tmp_path / "and-again"
+    assert main(["--no-progress", "world", "build", "--quick", "--output", str(out2), "--seed", "3",
+                 "--reuse-vae-judge", str(out)]) == 0
+    assert main(["--no-progress", "world", "build", "--quick", "--output", str(out3), "--seed", "3",
+                 "--reuse-vae-judge", str(out2)]) == 0
+    for o, src in ((out2, out), (out3, out2)):
+        r = manifest(o / "pipeline")["vae_judge_reused"]
+        assert r["from"] == str(src) and r["command"] == m["command"] and r["timings_s"] == m["timings_s"]
 
 
 def test_unet_pooled_text_reaches_the_blocks_without_cross_attention():
