@@ -147,6 +147,16 @@ def test_cli_merge_methods_and_reuse(tmp_path, tiny_paths, toy_dataset, capsys):
     assert torch.allclose(cat.delta(mod), sum(e.delta(mod) for e in es), atol=1e-5)
     for method in ("linear", "ties", "dare"):
         assert cli.main(["merge", "--experts", str(root), "--method", method, "--output", str(tmp_path / method)]) == 0
+    # --scale bakes a LoRA weight into the merged file: the update is exactly that multiple
+    out4 = tmp_path / "cat2"
+    assert cli.main(["merge", "--experts", str(root), "--method", "cat", "--scale", "2.5", "--output", str(out4)]) == 0
+    cat2 = load_expert(out4)
+    assert json.loads((out4 / "safealign.json").read_text())["config"]["scale"] == 2.5
+    for mod in cat.modules:
+        assert torch.allclose(cat2.delta(mod), 2.5 * cat.delta(mod), atol=1e-5)
+    assert cli.main(["merge", "--experts", str(root), "--method", "cat", "--scale", "0", "--output",
+                     str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_rank_granularity_and_bad_experts(tmp_path, tiny_paths, toy_dataset, capsys):

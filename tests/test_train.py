@@ -305,6 +305,10 @@ def test_preservation_error_is_policy_against_reference_under_the_safe_prompt(ti
     want = (pol - ref).pow(2).flatten(1).mean(1)
     assert float(want.min()) > 0
     torch.testing.assert_close(withp[4].detach(), want, rtol=1e-4, atol=1e-7)
+    # other safe pairs can be passed as (latents, conditioning): the same pairs give the same value
+    other = dpo.dpo_errors(bb, bb.unet, bb.unet, enc.select(idx), torch.Generator().manual_seed(3),
+                           preserve=(enc.latents_w[idx], enc.select_safe(idx)))
+    torch.testing.assert_close(other[4].detach(), want, rtol=1e-4, atol=1e-7)
     loss, m = dpo.dpo_preserve_loss(withp, beta=2000.0, preserve_weight=10.0)
     base_loss, _ = dpo.dpo_preserve_loss(plain, beta=2000.0, preserve_weight=10.0)
     assert float(loss.detach()) == pytest.approx(float(base_loss.detach()) + 10.0 * float(want.mean()), rel=1e-4)
@@ -332,3 +336,9 @@ def test_preserve_weight_keeps_the_model_closer_under_safe_prompts(tiny_paths, t
         drift[w] = _safe_prompt_drift(fresh, enc)
         assert drift[w] > 0
     assert drift[2000.0] < 0.1 * drift[0.0], drift
+    # preserving every category's safe pairs (not only the expert's own) trains too, and says so
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", output=tmp_path / "all",
+                     max_steps=4, cache_dir=cache_dir, preserve_weight=10.0, preserve_from="all")
+    [folder] = train_expert(cfg, backbone=load_backbone(tiny_paths["sd1"]))
+    m = json.loads((folder / "safealign.json").read_text())
+    assert m["config"]["preserve_from"] == "all" and m["metrics"]["train/preserve/error"] >= 0

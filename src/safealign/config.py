@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -204,6 +205,8 @@ class ExpertConfig(TrainConfig):
     preserve_weight: float = field(0.0, "weight of the preservation term: under each pair's safe prompt the expert's "
                                         "prediction stays the base model's (0: plain Diffusion-DPO; costs 1.5x "
                                         "compute per step)")
+    preserve_from: Literal["category", "all"] = field("category", "safe pairs the preservation term uses: the "
+                                                                  "expert's own category's, or every category's")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")
     validate_every: int = field(0, "sample and judge validation prompts every N steps (0: off)")
@@ -240,6 +243,7 @@ class MergeConfig:
     categories: tuple[str, ...] = field((), "merge only these categories' experts (comma list; default all)")
     weights: tuple[float, ...] = field((), "per-expert weights for linear/task_arithmetic/ties/dare")
     density: float = field(0.5, "TIES/DARE density (fraction kept)")
+    scale: float = field(1.0, "multiply the merged update by this (a LoRA weight baked into the file)")
     model: str = field("world", "base pipeline (Co-Merge statistics run through its UNet)")
     dataset: str = field("", "paired dataset whose unsafe prompts/images calibrate Co-Merge")
     prompts: tuple[str, ...] = field((), "calibration prompts instead of a dataset (comma list)")
@@ -262,6 +266,8 @@ class MergeConfig:
             raise SafealignError(f"--density must be in (0, 1], got {self.density}")
         if self.timesteps < 1:
             raise SafealignError(f"--timesteps must be >= 1, got {self.timesteps}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise SafealignError(f"--scale must be a positive number, got {self.scale}")
 
 
 @dataclasses.dataclass(frozen=True)

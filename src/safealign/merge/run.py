@@ -150,6 +150,8 @@ def run_merge(cfg: MergeConfig) -> Path:
         if trunc:
             metrics["svd_truncation_error_max"] = max(trunc)
         base_model = ((experts[0].manifest or {}).get("base_model"))
+    if cfg.scale != 1.0:
+        merged = {m: (a, b * cfg.scale) for m, (a, b) in merged.items()}
     for m, (a, b) in merged.items():
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise SafealignError(f"the merge produced NaN/Inf in {m}; check the experts")

@@ -32,24 +32,28 @@ def lora_spec(cfg) -> LoraSpec:
 
 
 def dpo_errors(backbone: Backbone, model, unet, batch: tuple[torch.Tensor, torch.Tensor, object],
-               gen: torch.Generator, adapter: str | None = ADAPTER, preserve: Conditioning | None = None
-               ) -> tuple[torch.Tensor, ...]:
+               gen: torch.Generator, adapter: str | None = ADAPTER,
+               preserve: Conditioning | tuple[torch.Tensor, Conditioning] | None = None) -> tuple[torch.Tensor, ...]:
     """Per-sample policy and reference errors for winner and loser under shared noise and timestep.
 
     ``model`` is what runs the policy (possibly DDP-wrapped), ``unet`` the bare module whose adapters are disabled
     for the reference. Winner and loser go through each network in one batched forward.
 
-    ``preserve``: the safe prompts' conditioning. The same noisy winner then also goes through both networks under
-    its own (safe) prompt, and a fifth value is returned: the per-sample squared distance between the policy's and
-    the reference's predictions there -- how far the expert moved the model where it should not move at all.
+    ``preserve``: the safe prompts' conditioning (or ``(latents, conditioning)`` of other safe pairs, as many as
+    the batch). The same noisy winner (or those latents, under the same noise and timesteps) then also goes through
+    both networks under its safe prompt, and a fifth value is returned: the per-sample squared distance between the
+    policy's and the reference's predictions there -- how far the expert moved the model where it should not move.
     """
     lat_w, lat_l, cond = batch
     dev = unet.device
     b = lat_w.shape[0]
     k = 3 if preserve is not None else 2
+    lat_p = lat_w
+    if isinstance(preserve, tuple):
+        lat_p, preserve = preserve
     noise = torch.randn(lat_w.shape, generator=gen).to(dev)
     t = torch.randint(0, backbone.num_train_timesteps, (b,), generator=gen).to(dev)
-    latents = torch.cat([lat_w, lat_l] + ([lat_w] if preserve is not None else [])).to(dev)
+    latents = torch.cat([lat_w, lat_l] + ([lat_p] if preserve is not None else [])).to(dev)
     noise_k, t_k = torch.cat([noise] * k), torch.cat([t] * k)
     noisy = backbone.add_noise(latents, noise_k, t_k)
     target = backbone.target(latents, noise_k, t_k)
@@ -186,7 +190,13 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         shutil.rmtree(work)  # a stale attempt; --resume would continue it
     with accelerator.main_process_first():
         enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None,
-                           safe_prompts=cfg.preserve_weight > 0)
+                           safe_prompts=cfg.preserve_weight > 0 and cfg.preserve_from == "category")
+        enc_keep = None
+        if cfg.preserve_weight > 0 and cfg.preserve_from == "all":  # every category's safe pairs of the split
+            keep = ds.pairs(None, cfg.split)
+            ds.verify_images(keep)
+            enc_keep = encode_pairs(backbone, keep, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                    cfg.resolution or None, safe_prompts=True)
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                 cfg.resolution or None) if held else None
@@ -205,8 +215,13 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
     def loss_fn(model, step: int, micro: int, rank: int):
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, rank))
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        errs = dpo_errors(backbone, model, unet, enc.select(idx), gen,
-                          preserve=enc.select_safe(idx) if cfg.preserve_weight > 0 else None)
+        preserve = None
+        if enc_keep is not None:
+            j = torch.randint(0, len(enc_keep), (cfg.batch_size,), generator=gen)
+            preserve = (enc_keep.latents_w[j], enc_keep.select_safe(j))
+        elif cfg.preserve_weight > 0:
+            preserve = enc.select_safe(idx)
+        errs = dpo_errors(backbone, model, unet, enc.select(idx), gen, preserve=preserve)
         return dpo_preserve_loss(errs, cfg.beta, cfg.preserve_weight)
 
     if accelerator.is_main_process:
