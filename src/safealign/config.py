@@ -203,7 +203,7 @@ class ExpertConfig(TrainConfig):
                               "every category's pairs)")
     beta: float = field(5000.0, "Diffusion-DPO beta (official release: 5000)")
     preserve_weight: float = field(0.0, "weight of the preservation term: under each pair's safe prompt the expert's "
-                                        "prediction stays the base model's (0: plain Diffusion-DPO; costs 1.5x "
+                                        "prediction stays the base model's (0: plain Diffusion-DPO; costs 1.6x "
                                         "compute per step)")
     preserve_from: Literal["category", "all"] = field("category", "safe pairs the preservation term uses: the "
                                                                   "expert's own category's, or every category's")

@@ -22,7 +22,7 @@ from ..lora import LoraSpec, WEIGHT_NAME, add_lora, lora_state_dict, save_lora
 from ..utils import derive_seed, logger
 from .cache import EncodedPairs, encode_pairs
 from .engine import run_training
-from .losses import diffusion_dpo_loss, per_sample_mse
+from .losses import diffusion_dpo_loss, dpo_preserve_loss, per_sample_mse
 
 ADAPTER = "safealign_expert"
 
@@ -73,17 +73,6 @@ def dpo_errors(backbone: Backbone, model, unet, batch: tuple[torch.Tensor, torch
     if preserve is not None:
         out += (per_sample_mse(pol_pred[2 * b:], ref_pred[2 * b:]),)
     return out
-
-
-def dpo_preserve_loss(errs: tuple[torch.Tensor, ...], beta: float, preserve_weight: float
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO on the first four errors, plus ``preserve_weight`` times the mean preservation error."""
-    loss, metrics = diffusion_dpo_loss(*errs[:4], beta=beta)
-    if len(errs) > 4:
-        pres = errs[4].mean()
-        loss = loss + preserve_weight * pres
-        metrics = {**metrics, "loss": loss.detach(), "preserve/error": pres.detach()}
-    return loss, metrics
 
 
 @torch.no_grad()

@@ -48,6 +48,17 @@ def diffusion_dpo_loss(policy_err_w: torch.Tensor, policy_err_l: torch.Tensor, r
     return loss, metrics
 
 
+def dpo_preserve_loss(errs: tuple[torch.Tensor, ...], beta: float, preserve_weight: float
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO on the first four errors, plus ``preserve_weight`` times the mean preservation error."""
+    loss, metrics = diffusion_dpo_loss(*errs[:4], beta=beta)
+    if len(errs) > 4:
+        pres = errs[4].mean()
+        loss = loss + preserve_weight * pres
+        metrics = {**metrics, "loss": loss.detach(), "preserve/error": pres.detach()}
+    return loss, metrics
+
+
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Plain diffusion MSE (epsilon or v target), for task fine-tuning; same return shape as the DPO loss."""
     loss = per_sample_mse(pred, target).mean()

@@ -144,7 +144,8 @@ def _print_summary(m: dict, where) -> None:
         r = m["vae_judge_reused"]
         print(f"  VAE, judge : reused from {r.get('from')} (made by `{r.get('command', '?')}`)")
     if "text/unseen_as_unknown" in met:
-        print(f"  unseen words: {met['text/unseen_as_unknown']:.0f} tokens training never saw read as the unknown token")
+        print(f"  unseen words: {met['text/unseen_as_unknown']:.0f} tokens training never saw read as the unknown "
+              "token")
     if m.get("unseen_as_unknown"):
         u = m["unseen_as_unknown"]
         before = u.get("before", {}).get("model/unsafe/hazard_rate")

@@ -221,8 +221,8 @@ def unseen_to_unknown(text_encoder, tokenizer) -> int:
     A word the text encoder never met in training (our held-out phrasings have some: "huge", "illustration",
     "centre") otherwise keeps its random initial embedding and steers the model somewhere arbitrary; read as the
     unknown token -- what a tokenizer that did not know the word would give -- it is passed over. On the world
-    shipped before pooled text conditioning this lifted the hazard rate under held-out unsafe prompts from 77.8% to 86.5% and object accuracy from
-    75.9% to 82.7%, with no retraining.
+    shipped before pooled text conditioning this lifted the hazard rate under held-out unsafe prompts from 77.8% to
+    86.5% and object accuracy from 75.9% to 82.7%, with no retraining.
     """
     emb = text_encoder.get_input_embeddings().weight
     seen = training_token_ids(tokenizer)
