@@ -58,7 +58,7 @@ def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, mon
 
     # interrupted in the middle of the second expert, then re-run
     from safealign.train import dpo
-    real = dpo.diffusion_dpo_loss
+    real = dpo.dpo_preserve_loss  # the loss the training loop calls
     calls = {"n": 0}
 
     def crash(*a, **k):
@@ -66,11 +66,11 @@ def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, mon
         if calls["n"] == 10:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(dpo, "diffusion_dpo_loss", crash)
+    monkeypatch.setattr(dpo, "dpo_preserve_loss", crash)
     again = tmp_path / "again"
     assert cli.main(["--no-progress", "run", str(run_config(again))]) == 130  # interrupted
     assert calls["n"] >= 10
-    monkeypatch.setattr(dpo, "diffusion_dpo_loss", real)
+    monkeypatch.setattr(dpo, "dpo_preserve_loss", real)
     assert cli.main(["--no-progress", "run", str(run_config(again))]) == 0
     assert _numbers(again) == _numbers(ref)
     # --from redoes a stage and everything after it, items (each fine-tune) included

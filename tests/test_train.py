@@ -74,19 +74,19 @@ def test_resume_equals_uninterrupted(tiny_paths, toy_dataset, cache_dir, tmp_pat
               checkpoint_every=4, keep_checkpoints=2)
     [ref] = train_expert(expert_cfg(output=tmp_path / "a", **kw))
     calls = {"n": 0}
-    real = dpo.diffusion_dpo_loss
+    real = dpo.dpo_preserve_loss  # the loss the training loop calls
 
     def crash_at_step_7(*a, **k):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt  # as if killed after the step-4 checkpoint
         return real(*a, **k)
-    monkeypatch.setattr(dpo, "diffusion_dpo_loss", crash_at_step_7)
+    monkeypatch.setattr(dpo, "dpo_preserve_loss", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train_expert(expert_cfg(output=tmp_path / "b", **kw))
     assert not (tmp_path / "b" / "violence").exists()  # nothing that looks finished
     assert (tmp_path / "b" / "violence.partial" / "checkpoints" / "step-000004").is_dir()
-    monkeypatch.setattr(dpo, "diffusion_dpo_loss", real)
+    monkeypatch.setattr(dpo, "dpo_preserve_loss", real)
     [res] = train_expert(expert_cfg(output=tmp_path / "b", resume=True, **kw))
     a, _ = _weights(ref)
     b, _ = _weights(res)
@@ -95,13 +95,13 @@ def test_resume_equals_uninterrupted(tiny_paths, toy_dataset, cache_dir, tmp_pat
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_paths, toy_dataset, cache_dir, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = dpo.diffusion_dpo_loss
+    real = dpo.dpo_preserve_loss  # the loss the training loop calls
 
     def nan_at_6(*a, **k):
         calls["n"] += 1
         loss, m = real(*a, **k)
         return (loss * float("nan"), m) if calls["n"] >= 6 else (loss, m)
-    monkeypatch.setattr(dpo, "diffusion_dpo_loss", nan_at_6)
+    monkeypatch.setattr(dpo, "dpo_preserve_loss", nan_at_6)
     out = tmp_path / "n"
     code = cli.main(["train", "expert", "--model", str(tiny_paths["sd1"]), "--dataset", str(toy_dataset),
                      "--category", "violence", "--output", str(out), "--max-steps", "10", "--checkpoint-every", "4",
