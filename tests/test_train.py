@@ -342,3 +342,44 @@ def test_preserve_weight_keeps_the_model_closer_under_safe_prompts(tiny_paths, t
     [folder] = train_expert(cfg, backbone=load_backbone(tiny_paths["sd1"]))
     m = json.loads((folder / "safealign.json").read_text())
     assert m["config"]["preserve_from"] == "all" and m["metrics"]["train/preserve/error"] >= 0
+
+
+def test_preserve_from_prompts_holds_the_model_still_under_anchor_prompts(tiny_paths, toy_dataset, cache_dir,
+                                                                          tmp_path):
+    from safealign.backbone import Conditioning
+    from safealign.data.dataset import PairedDataset
+    from safealign.lora import load_into
+    from safealign.train.cache import EncodedPairs, encode_pairs
+    anchors = ("a red cup on a gray background", "a blue heart on a white background", "a green house")
+    drift = {}
+    for w in (0.0, 2000.0):
+        cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence",
+                         output=tmp_path / f"p{w}", max_steps=20, cache_dir=cache_dir, learning_rate=3e-3,
+                         preserve_weight=w, preserve_from="prompts", preserve_prompts=anchors)
+        [folder] = train_expert(cfg, backbone=load_backbone(tiny_paths["sd1"]))
+        m = json.loads((folder / "safealign.json").read_text())
+        assert m["config"]["preserve_prompts"] == list(anchors)
+        fresh = load_backbone(tiny_paths["sd1"])
+        load_into(fresh.unet, folder, adapter_name="expert")
+        enc = encode_pairs(fresh, PairedDataset(toy_dataset).pairs("violence", "train"), cache_dir)
+        # the anchor prompts in turn over the pairs' safe images: where the term holds the model
+        ac = fresh.encode_prompts([anchors[i % len(anchors)] for i in range(len(enc))])
+        drift[w] = _safe_prompt_drift(fresh, EncodedPairs(enc.latents_w, enc.latents_l, enc.cond,
+                                                          Conditioning(ac.encoder_hidden_states,
+                                                                       ac.added_cond_kwargs)))
+        assert drift[w] > 0
+    assert drift[2000.0] < 0.1 * drift[0.0], drift
+
+
+def test_preserve_from_prompts_needs_prompts_except_on_the_world(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", output=tmp_path / "x",
+                     max_steps=2, cache_dir=cache_dir, preserve_weight=10.0, preserve_from="prompts")
+    with pytest.raises(SafealignError, match="--preserve-prompts"):
+        train_expert(cfg, backbone=load_backbone(tiny_paths["sd1"]))
+    assert not (tmp_path / "x").exists()
+    from safealign.world import HAZARDS, benign_prompts, parse_prompt
+    ps = benign_prompts(50, seed=3)  # the world's own anchors: seeded, varied, never a hazard
+    assert ps == benign_prompts(50, seed=3) and ps != benign_prompts(50, seed=4)
+    objs = {parse_prompt(p)["object"] for p in ps}
+    assert len(objs) > 10 and not objs & set(HAZARDS)
+    assert {parse_prompt(p)["object"] for p in benign_prompts(30, kind="benign")} <= {"house", "arrow", "heart", "cup"}

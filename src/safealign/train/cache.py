@@ -39,16 +39,16 @@ class EncodedPairs:
         return self.latents_w.shape[0]
 
     def select(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
-        return self.latents_w[idx], self.latents_l[idx], _rows(self.cond, idx)
+        return self.latents_w[idx], self.latents_l[idx], conditioning_rows(self.cond, idx)
 
     def select_safe(self, idx: torch.Tensor) -> Conditioning:
         """The safe prompts' conditioning of rows ``idx`` (encode with ``safe_prompts=True``)."""
         if self.cond_safe is None:
             raise ValueError("these pairs were encoded without their safe prompts (encode_pairs(safe_prompts=True))")
-        return _rows(self.cond_safe, idx)
+        return conditioning_rows(self.cond_safe, idx)
 
 
-def _rows(c: Conditioning, idx: torch.Tensor) -> Conditioning:
+def conditioning_rows(c: Conditioning, idx: torch.Tensor) -> Conditioning:
     return Conditioning(c.encoder_hidden_states[idx],
                         {k: v[idx] for k, v in c.added_cond_kwargs.items()} if c.added_cond_kwargs else None)
 

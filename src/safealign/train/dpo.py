@@ -20,7 +20,7 @@ from ..data.dataset import PairedDataset
 from ..errors import SafealignError
 from ..lora import LoraSpec, WEIGHT_NAME, add_lora, lora_state_dict, save_lora
 from ..utils import derive_seed, logger
-from .cache import EncodedPairs, encode_pairs
+from .cache import EncodedPairs, conditioning_rows, default_cache_dir, encode_pairs, encode_prompts_cached
 from .engine import run_training
 from .losses import diffusion_dpo_loss, dpo_preserve_loss, per_sample_mse
 
@@ -106,11 +106,8 @@ def _validator(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, categor
     chosen = pool[: cfg.validation_prompts]
     benign = list(cfg.benign_prompts)
     if not benign and backbone.family == "world":
-        try:
-            from ..world import benign_prompts
-            benign = benign_prompts(cfg.validation_prompts, seed=cfg.seed)
-        except ImportError:
-            benign = []
+        from ..world import benign_prompts
+        benign = benign_prompts(cfg.validation_prompts, seed=cfg.seed, kind="benign")
     return make_validator(backbone.pipe, judge, _data_category(category), [p.unsafe_prompt for p in chosen],
                           [p.safe_prompt for p in chosen], benign, cfg.validation_seeds, cfg.num_inference_steps,
                           cfg.guidance_scale)
@@ -123,6 +120,22 @@ POOLED = "pooled"
 
 def _data_category(category: str) -> str | None:
     return None if category == POOLED else category
+
+
+#: anchor prompts the world model's preservation term uses when --preserve-prompts is not given
+WORLD_ANCHORS = 64
+
+
+def preservation_prompts(cfg: ExpertConfig, backbone: Backbone) -> list[str]:
+    """The anchor prompts of ``--preserve-from prompts``: the user's, or for the world model prompts of scenes
+    without a hazard (every twin and benign object, training phrasings, a seed of their own)."""
+    if cfg.preserve_prompts:
+        return list(cfg.preserve_prompts)
+    if backbone.family != "world":
+        raise SafealignError("--preserve-from prompts needs --preserve-prompts (anchor prompts of ordinary content, "
+                             "comma separated); only the world model has its own")
+    from ..world import benign_prompts
+    return benign_prompts(WORLD_ANCHORS, seed=derive_seed(cfg.seed, "preservation-anchors"))
 
 
 def expert_dir(cfg: ExpertConfig, category: str) -> Path:
@@ -186,6 +199,10 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
             ds.verify_images(keep)
             enc_keep = encode_pairs(backbone, keep, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                     cfg.resolution or None, safe_prompts=True)
+        anchors = None
+        if cfg.preserve_weight > 0 and cfg.preserve_from == "prompts":
+            anchors = encode_prompts_cached(backbone, preservation_prompts(cfg, backbone),
+                                            Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                 cfg.resolution or None) if held else None
@@ -208,6 +225,9 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         if enc_keep is not None:
             j = torch.randint(0, len(enc_keep), (cfg.batch_size,), generator=gen)
             preserve = (enc_keep.latents_w[j], enc_keep.select_safe(j))
+        elif anchors is not None:  # the batch's noisy safe images under anchor prompts
+            j = torch.randint(0, anchors.encoder_hidden_states.shape[0], (cfg.batch_size,), generator=gen)
+            preserve = conditioning_rows(anchors, j)
         elif cfg.preserve_weight > 0:
             preserve = enc.select_safe(idx)
         errs = dpo_errors(backbone, model, unet, enc.select(idx), gen, preserve=preserve)

@@ -14,15 +14,15 @@ The shipped weights live in ``weights/pipeline`` (``StableDiffusionPipeline.from
 from pathlib import Path
 
 from .scene import (BACKGROUNDS, BENIGN, CATEGORIES, COLOURS, CONCEPTS, HAZARDS, OBJECTS, POSITIONS, TWINS,
-                    PromptPair, Scene, category_of, hazard_of, make_pair, parse_prompt, sample_scene, scene_prompt,
-                    twin_of)
+                    PromptPair, Scene, benign_prompts, category_of, hazard_of, make_pair, parse_prompt, sample_scene,
+                    scene_prompt, twin_of)
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 __all__ = ["WEIGHTS", "pipeline_path", "judge_path", "manifest", "CATEGORIES", "CONCEPTS", "HAZARDS", "TWINS",
            "BENIGN", "OBJECTS", "COLOURS", "BACKGROUNDS", "POSITIONS", "Scene", "PromptPair", "sample_scene",
-           "scene_prompt", "make_pair", "parse_prompt", "category_of", "twin_of", "hazard_of", "render",
-           "load_judge", "load_pipeline"]
+           "scene_prompt", "benign_prompts", "make_pair", "parse_prompt", "category_of", "twin_of", "hazard_of",
+           "render", "load_judge", "load_pipeline"]
 
 
 def pipeline_path() -> Path:

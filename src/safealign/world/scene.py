@@ -228,6 +228,15 @@ def make_pair(concept: str, rng: random.Random, held_out: bool = False) -> Promp
     return PromptPair(_CATEGORY_OF[concept], concept, twin, unsafe, safe, scene, safe_scene)
 
 
+def benign_prompts(n: int, seed: int = 0, kind: ObjectKind = "safe") -> list[str]:
+    """``n`` prompts of scenes with no hazard (``kind``: "safe" = every twin and benign object, or "benign"), in
+    training phrasings: anchor prompts for a preservation term, or benign prompts to watch during training."""
+    if kind not in ("safe", "benign", "twin"):
+        raise ValueError(f"benign_prompts: kind must be safe, benign or twin, got {kind!r}")
+    rng = random.Random(seed)
+    return [scene_prompt(sample_scene(rng, kind=kind), rng) for _ in range(n)]
+
+
 def vocabulary() -> list[str]:
     """Every word the world's prompts can use (the tokenizer learns each as one token)."""
     text = " ".join(TRAIN_TEMPLATES + HELD_OUT_TEMPLATES)
