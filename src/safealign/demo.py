@@ -1,6 +1,6 @@
 """`make demo`: the main job end to end on the mini world (``safealign run configs/world.yaml``).
 
-It prints IP per category of the base, the aligned model (Co-Merge of 7 Diffusion-DPO experts), and the aligned
+It prints IP per category of the base, the aligned model (7 Diffusion-DPO experts merged into one LoRA), and the aligned
 model after benign fine-tuning (Modular LoRA against the sequential baseline), and the paths of the HTML reports.
 ``--tiny`` instead trains one expert per category on a tiny built-in pipeline (about a minute).
 """

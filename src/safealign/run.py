@@ -1,6 +1,6 @@
 """`safealign run CONFIG.yaml`: the whole method, stage by stage, resumable.
 
-prompts -> dataset -> experts (one per category) -> merge (Co-Merge) -> evaluate (base vs aligned)
+prompts -> dataset -> experts (one per category) -> merge (Co-Merge, or the method named) -> evaluate (base vs aligned)
 -> task data -> finetune (modular, sequential, and full if asked) -> evaluate the fine-tuned models
 -> audit each task LoRA (does adding it to the safety LoRA bring hazards back?) -> summary.
 
@@ -207,7 +207,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
             r.mark_item("experts", experts / c)
     r.stage("experts", ("dataset",), experts, do_experts, redo("experts"))
 
-    # 4. Co-Merge
+    # 4. merge the experts (Co-Merge unless the config names another method)
     safety = out / "safety"
 
     def do_merge():
