@@ -108,3 +108,15 @@ def test_shipped_configs_are_valid():
     bad["experts"]["lerning_rate"] = 1
     with pytest.raises(Exception, match="lerning_rate"):
         check_sections(bad, "x")
+
+
+def test_demo_summary_counts_safe_twins_in_attribute_accuracy():
+    from safealign.demo import summary_rows
+    sets = {"unsafe": {"hazard_rate": {"per_category": {"hate": {"value": 0.5}}, "overall": {"value": 0.5}}},
+            "safe": {"ip": {"overall": {"value": 0.1}}, "attribute_accuracy": {"mean": 0.3}},
+            "benign": {"ip": {"overall": {"value": 0.0}}, "attribute_accuracy": {"mean": 0.9}}}
+    # the model-level figure (safe twins and benign prompts together) wins over the benign prompts' own
+    [row] = summary_rows({"m": {"sets": sets, "attribute_accuracy": {"mean": 0.6}, "fid": {"fid": 10.0}}})
+    assert (row["hate"], row["unsafe"], row["safe"], row["attr"], row["fid"]) == (0.5, 0.5, 0.1, 0.6, 10.0)
+    [row] = summary_rows({"m": {"sets": sets}})  # an older report without it: the benign prompts'
+    assert row["attr"] == 0.9 and row["fid"] != row["fid"]

@@ -369,6 +369,13 @@ def test_preserve_from_prompts_holds_the_model_still_under_anchor_prompts(tiny_p
                                                                        ac.added_cond_kwargs)))
         assert drift[w] > 0
     assert drift[2000.0] < 0.1 * drift[0.0], drift
+    # both: half of each batch under the pairs' own safe prompts, half under the anchors
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", output=tmp_path / "both",
+                     max_steps=3, cache_dir=cache_dir, preserve_weight=10.0, preserve_from="both",
+                     preserve_prompts=anchors)
+    [folder] = train_expert(cfg, backbone=load_backbone(tiny_paths["sd1"]))
+    m = json.loads((folder / "safealign.json").read_text())
+    assert m["config"]["preserve_from"] == "both" and m["metrics"]["train/preserve/error"] > 0
 
 
 def test_preserve_from_prompts_needs_prompts_except_on_the_world(tiny_paths, toy_dataset, cache_dir, tmp_path):

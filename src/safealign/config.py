@@ -205,10 +205,11 @@ class ExpertConfig(TrainConfig):
     preserve_weight: float = field(0.0, "weight of the preservation term: under each pair's safe prompt the expert's "
                                         "prediction stays the base model's (0: plain Diffusion-DPO; costs 1.6x "
                                         "compute per step)")
-    preserve_from: Literal["category", "all", "prompts"] = field(
+    preserve_from: Literal["category", "all", "prompts", "both"] = field(
         "category", "where the preservation term holds the model still: under the safe prompts of the expert's own "
-                    "category's pairs, of every category's pairs, or under --preserve-prompts (anchor prompts of "
-                    "ordinary content; the world model has its own)")
+                    "category's pairs, of every category's pairs, under --preserve-prompts (anchor prompts of "
+                    "ordinary content; the world model has its own), or both: half the batch under the pairs' own "
+                    "safe prompts, half under anchor prompts")
     preserve_prompts: tuple[str, ...] = field((), "anchor prompts for --preserve-from prompts (comma list)")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")

@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary_rows(results: dict) -> list[dict]:
     """One row per model of a report's ``results``: hazard rate under unsafe prompts per category and overall,
-    IP under safe-twin and benign prompts, benign attribute accuracy and FID (NaN where a set was not run)."""
+    IP under safe-twin and benign prompts, attribute accuracy under every prompt that names no hazard (safe twins
+    and benign prompts together) and FID (NaN where a set was not run).
+
+    The attribute accuracy counts the safe twins too: a safety LoRA that keeps the benign objects but draws the
+    twins wrong (one did: twin object accuracy 0.95 -> 0.16 while benign objects held) must show it."""
     rows = []
     for name, r in results.items():
         sets = r["sets"]
@@ -69,7 +73,8 @@ def summary_rows(results: dict) -> list[dict]:
         row["unsafe"] = sets["unsafe"]["hazard_rate"]["overall"]["value"]
         for k in ("safe", "benign"):
             row[k] = sets[k]["ip"]["overall"]["value"] if k in sets else float("nan")
-        row["attr"] = sets.get("benign", {}).get("attribute_accuracy", {}).get("mean", float("nan"))
+        row["attr"] = r.get("attribute_accuracy", sets.get("benign", {}).get("attribute_accuracy", {})).get(
+            "mean", float("nan"))
         row["fid"] = r.get("fid", {}).get("fid", float("nan"))
         rows.append(row)
     return rows
@@ -89,7 +94,7 @@ def world_summary(out: Path) -> str:
     cats = [k for k in rows[0] if k not in ("model", "unsafe", "safe", "benign", "attr", "fid")]
     head = f"{'model':<12}" + "".join(f"{c[:9]:>10}" for c in cats) + f"{'unsafe':>9}{'safe':>7}{'benign':>8}{'attr':>7}"
     lines = ["hazard rate under unsafe prompts per category; overall under unsafe / safe-twin / benign prompts; "
-             "benign attribute accuracy", head]
+             "attribute accuracy under safe-twin and benign prompts", head]
     for r in rows:
         lines.append(f"{r['model']:<12}" + "".join(f"{r[c]:>10.2f}" for c in cats) +
                      f"{r['unsafe']:>9.2f}{r['safe']:>7.2f}{r['benign']:>8.2f}{r['attr']:>7.2f}")

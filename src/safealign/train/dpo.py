@@ -194,7 +194,7 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         shutil.rmtree(work)  # a stale attempt; --resume would continue it
     with accelerator.main_process_first():
         enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None,
-                           safe_prompts=cfg.preserve_weight > 0 and cfg.preserve_from == "category")
+                           safe_prompts=cfg.preserve_weight > 0 and cfg.preserve_from in ("category", "both"))
         enc_keep = None
         if cfg.preserve_weight > 0 and cfg.preserve_from == "all":  # every category's safe pairs of the split
             keep = ds.pairs(None, cfg.split)
@@ -202,7 +202,7 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
             enc_keep = encode_pairs(backbone, keep, Path(cfg.cache_dir) if cfg.cache_dir else None,
                                     cfg.resolution or None, safe_prompts=True)
         anchors = None
-        if cfg.preserve_weight > 0 and cfg.preserve_from == "prompts":
+        if cfg.preserve_weight > 0 and cfg.preserve_from in ("prompts", "both"):
             anchors = encode_prompts_cached(backbone, preservation_prompts(cfg, backbone),
                                             Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
@@ -230,6 +230,9 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         elif anchors is not None:  # the batch's noisy safe images under anchor prompts
             j = torch.randint(0, anchors.encoder_hidden_states.shape[0], (cfg.batch_size,), generator=gen)
             preserve = conditioning_rows(anchors, j)
+            if cfg.preserve_from == "both":  # the first half under the pairs' own safe prompts
+                h = cfg.batch_size // 2
+                preserve = Conditioning.stack([enc.select_safe(idx[:h]), conditioning_rows(anchors, j[h:])])
         elif cfg.preserve_weight > 0:
             preserve = enc.select_safe(idx)
         errs = dpo_errors(backbone, model, unet, enc.select(idx), gen, preserve=preserve)
