@@ -210,7 +210,7 @@ class ExpertConfig(TrainConfig):
                     "category's pairs, of every category's pairs, under --preserve-prompts (anchor prompts of "
                     "ordinary content; the world model has its own), or both: half the batch under the pairs' own "
                     "safe prompts, half under anchor prompts")
-    preserve_prompts: tuple[str, ...] = field((), "anchor prompts for --preserve-from prompts (comma list)")
+    preserve_prompts: tuple[str, ...] = field((), "anchor prompts for --preserve-from prompts|both (comma list)")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")
     validate_every: int = field(0, "sample and judge validation prompts every N steps (0: off)")
