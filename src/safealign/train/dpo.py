@@ -192,22 +192,21 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
     work = final.with_name(final.name + ".partial")
     if work.exists() and not cfg.resume:
         shutil.rmtree(work)  # a stale attempt; --resume would continue it
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    preserve_from = cfg.preserve_from if cfg.preserve_weight > 0 else None
     with accelerator.main_process_first():
-        enc = encode_pairs(backbone, pairs, Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.resolution or None,
-                           safe_prompts=cfg.preserve_weight > 0 and cfg.preserve_from in ("category", "both"))
+        enc = encode_pairs(backbone, pairs, cache, cfg.resolution or None,
+                           safe_prompts=preserve_from in ("category", "both"))
         enc_keep = None
-        if cfg.preserve_weight > 0 and cfg.preserve_from == "all":  # every category's safe pairs of the split
+        if preserve_from == "all":  # every category's safe pairs of the split
             keep = ds.pairs(None, cfg.split)
             ds.verify_images(keep)
-            enc_keep = encode_pairs(backbone, keep, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                    cfg.resolution or None, safe_prompts=True)
+            enc_keep = encode_pairs(backbone, keep, cache, cfg.resolution or None, safe_prompts=True)
         anchors = None
-        if cfg.preserve_weight > 0 and cfg.preserve_from in ("prompts", "both"):
-            anchors = encode_prompts_cached(backbone, preservation_prompts(cfg, backbone),
-                                            Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+        if preserve_from in ("prompts", "both"):
+            anchors = encode_prompts_cached(backbone, preservation_prompts(cfg, backbone), cache)
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
-        enc_held = encode_pairs(backbone, held, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                cfg.resolution or None) if held else None
+        enc_held = encode_pairs(backbone, held, cache, cfg.resolution or None) if held else None
     # LoRA A init is random: seed it by --seed alone, so all experts of one run share their initialisation
     # (what Co-Merge's rank granularity needs)
     torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
@@ -229,11 +228,11 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
             preserve = (enc_keep.latents_w[j], enc_keep.select_safe(j))
         elif anchors is not None:  # the batch's noisy safe images under anchor prompts
             j = torch.randint(0, anchors.encoder_hidden_states.shape[0], (cfg.batch_size,), generator=gen)
-            preserve = conditioning_rows(anchors, j)
-            if cfg.preserve_from == "both":  # the first half under the pairs' own safe prompts
-                h = cfg.batch_size // 2
-                preserve = Conditioning.stack([enc.select_safe(idx[:h]), conditioning_rows(anchors, j[h:])])
-        elif cfg.preserve_weight > 0:
+            h = cfg.batch_size // 2 if preserve_from == "both" else 0  # the first h under the pairs' own safe prompts
+            preserve = conditioning_rows(anchors, j[h:])
+            if h:
+                preserve = Conditioning.stack([enc.select_safe(idx[:h]), preserve])
+        elif preserve_from is not None:
             preserve = enc.select_safe(idx)
         errs = dpo_errors(backbone, model, unet, enc.select(idx), gen, preserve=preserve)
         return dpo_preserve_loss(errs, cfg.beta, cfg.preserve_weight)
