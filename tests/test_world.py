@@ -150,6 +150,29 @@ def test_words_training_never_saw_read_as_unknown():
     assert torch.equal(emb[photo], before[photo])  # a training word keeps its own embedding
 
 
+
+def test_text_encoder_without_positions_reads_a_word_the_same_anywhere():
+    """Zeroed, frozen position embeddings: the causal mask alone carries order, so the same words give the same
+    states whatever absolute positions they sit at -- the object word of a long phrasing is read as in a short one."""
+    from safealign.world.model import make_text_encoder, make_tokenizer
+    from safealign.world.train import without_positions
+    tok = make_tokenizer()
+    ids = tok(["a red knife on a gray background"], return_tensors="pt").input_ids
+    shifted = torch.arange(ids.shape[1]).unsqueeze(0) + 9  # as if the words came 9 tokens later
+    states = {}
+    for positions in (True, False):
+        torch.manual_seed(0)
+        te = make_text_encoder(tok).eval()
+        if not positions:
+            without_positions(te)
+        with torch.no_grad():
+            states[positions] = [te(ids, position_ids=p)[0] for p in (None, shifted)]
+    assert (states[True][0] - states[True][1]).abs().max() > 1e-2  # learned positions: a shift changes the reading
+    torch.testing.assert_close(states[False][0], states[False][1])  # without: it does not
+    pos = getattr(te, "text_model", te).embeddings.position_embedding.weight
+    assert not pos.requires_grad and not pos.any()  # fixed at zero: training cannot bring positions back
+
+
 # -- shipped weights --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shipped():

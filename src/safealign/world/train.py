@@ -69,6 +69,9 @@ class WorldConfig:
     word_dropout: float = field(0.0, "probability that a filler word (not an object, colour, background or "
                                       "position) is replaced by the unknown token in training")
     unk_insert: float = field(0.0, "probability of inserting an unknown token at a random place in a training prompt")
+    text_positions: bool = field(True, "learn the text encoder's position embeddings (off: fixed at zero, word "
+                                       "order is carried by the causal mask alone and a word reads the same at "
+                                       "every position; see without_positions)")
     sample_steps: int = field(M.DEFAULT_STEPS, "default DPM-Solver++ steps recorded in the pipeline")
     guidance: float = field(M.DEFAULT_GUIDANCE, "default classifier-free guidance recorded in the pipeline")
     eval_per_concept: int = field(6, "held-out prompt pairs per hazard concept in the quality check")
@@ -232,6 +235,23 @@ def unseen_to_unknown(text_encoder, tokenizer) -> int:
     return len(unseen)
 
 
+@torch.no_grad()
+def without_positions(text_encoder) -> None:
+    """Fix the text encoder's position embeddings at zero (and frozen): the encoder then reads word order from its
+    causal attention mask alone, so a word means the same thing at whatever position a phrasing puts it.
+
+    With learned positions, training phrasings put the object word at token positions 2-8 only; the held-out
+    phrasing that names the background first puts it at 8-12, positions whose embeddings only ever carried
+    trailing background words, and the model drew the named hazard 32% of the time there against 90-94% for
+    every other held-out phrasing. Retrained this way (same VAE and judge, 3,200 steps) every phrasing came out
+    at 87-91% (held-out 89.7% overall, object accuracy 84.3%), but hazards under benign prompts rose from 2.1% to
+    15.6% (arrows drawn as syringes), so it is an option (``text_positions=False``), not the default.
+    """
+    emb = getattr(text_encoder, "text_model", text_encoder).embeddings.position_embedding.weight
+    emb.zero_()
+    emb.requires_grad_(False)
+
+
 class _Prompts:
     """Token ids for training prompts, optionally with unknown-word augmentation (off by default).
 
@@ -290,12 +310,14 @@ class _EMA:
 def train_unet(cfg: WorldConfig, vae, tokenizer):
     torch.manual_seed(cfg.seed + 2)
     text_encoder = M.make_text_encoder(tokenizer)
+    if not cfg.text_positions:
+        without_positions(text_encoder)
     torch.manual_seed(cfg.seed + 3)
     unet = M.make_unet()
     sched = M.make_train_scheduler()
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, min(150, cfg.unet_steps)))
     data = _Scenes(cfg.seed * 7 + 3)
