@@ -330,3 +330,25 @@ def test_unet_pooled_text_reaches_the_blocks_without_cross_attention():
     assert unet.config.addition_embed_type is None
     torch.testing.assert_close(out[False][0], out[False][1])  # blind cross-attention: the prompt is ignored
     assert (out[True][0] - out[True][1]).abs().max() > 1e-3  # the pooled text still steers the prediction
+
+
+def test_build_trains_the_vae_on_its_own_thread_count_and_writes_nothing_on_failure(tmp_path, monkeypatch):
+    """Stage 1 runs on ``vae_threads`` (1: the shipped VAE bit for bit), the rest on ``threads``; a stage that fails
+    leaves no output folder and the caller's thread count as it was."""
+    from safealign.world import train as T
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_vae(cfg):
+        seen["vae"] = torch.get_num_threads()
+        raise Stop
+
+    monkeypatch.setattr(T, "train_vae", fake_vae)
+    before = torch.get_num_threads()
+    with pytest.raises(Stop):
+        T.build(tmp_path / "world", config=T.WorldConfig(quick=True, threads=2))
+    assert seen["vae"] == 1
+    assert torch.get_num_threads() == before
+    assert not (tmp_path / "world").exists()
