@@ -307,6 +307,11 @@ def test_world_build_quick_end_to_end(tmp_path, capsys):
     for o, src in ((out2, out), (out3, out2)):
         r = manifest(o / "pipeline")["vae_judge_reused"]
         assert r["from"] == str(src) and r["command"] == m["command"] and r["timings_s"] == m["timings_s"]
+    # a whole build's stage 3 learned from the VAE as it ships: retrained on that VAE it comes out the same
+    from safetensors.torch import load_file
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(out / "pipeline" / part), load_file(out2 / "pipeline" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_unet_pooled_text_reaches_the_blocks_without_cross_attention():
@@ -330,6 +335,33 @@ def test_unet_pooled_text_reaches_the_blocks_without_cross_attention():
     assert unet.config.addition_embed_type is None
     torch.testing.assert_close(out[False][0], out[False][1])  # blind cross-attention: the prompt is ignored
     assert (out[True][0] - out[True][1]).abs().max() > 1e-3  # the pooled text still steers the prediction
+
+
+def test_later_stages_see_the_vae_as_it_ships(tmp_path):
+    """``as_shipped`` gives the VAE a user loads from the fp16 folder: the same latents, bit for bit, where the
+    float32 VAE still in memory gives others (stage 3 of a whole build learns from these latents)."""
+    from diffusers import AutoencoderKL
+
+    from safealign.world import model as M
+    from safealign.world import train as T
+    torch.manual_seed(0)
+    vae = M.make_vae().eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist.mean
+    vae.to(torch.float16).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    vae.to(torch.float32)
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    fresh = M.make_vae().eval()
+    assert T.as_shipped(fresh) is fresh
+    with torch.no_grad():
+        z_fresh, z_loaded = fresh.encode(x).latent_dist.mean, loaded.encode(x).latent_dist.mean
+    assert torch.equal(z_fresh, z_loaded)
+    assert not torch.equal(before, z_loaded)  # what stage 3 learned from before
+    again = {k: v.clone() for k, v in fresh.state_dict().items()}
+    T.as_shipped(fresh)  # idempotent
+    assert all(torch.equal(again[k], v) for k, v in fresh.state_dict().items())
 
 
 def test_build_trains_the_vae_on_its_own_thread_count_and_writes_nothing_on_failure(tmp_path, monkeypatch):

@@ -226,42 +226,70 @@ def degrade(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch
     return x.clamp(-1, 1)
 
 
+class JudgeTrainer:
+    """A judge trained from ``make_batch(step) -> (images in [-1, 1], scenes)`` in one or more rounds.
+
+    Each :meth:`train` call is one round with its own one-cycle schedule; ``roundtrip`` (e.g. a VAE encode/decode)
+    degrades a fraction of each of its batches the way the world model does. The world build trains a first round
+    on renders alone, which needs no VAE, on the core the one-thread VAE stage leaves idle, then a short round
+    with the VAE's round trip.
+    """
+
+    def __init__(self, make_batch: Callable[[int], tuple[torch.Tensor, list[Scene]]], *, seed: int,
+                 width: int = 24, progress_desc: str = "judge"):
+        torch.manual_seed(seed)
+        self.make_batch, self.desc, self.width = make_batch, progress_desc, width
+        self.labels = label_space()
+        self.net = JudgeNet(CATEGORIES, self.labels, width=width)
+        self.g = torch.Generator().manual_seed(seed)
+        self.step = 0
+
+    def train(self, steps: int, lr: float, roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              roundtrip_frac: float = 0.35, bar_position: int | None = None) -> "JudgeTrainer":
+        """One round of ``steps`` (``bar_position``: the progress bar's line, for a round run alongside another)."""
+        from ..utils import progress
+        if steps <= 0:
+            return self
+        opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=1e-4)
+        # warm-up: a tenth of the round, at least 2 steps (one-cycle needs a non-empty warm-up)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 4),
+                                                    pct_start=max(0.1, 2.5 / max(steps, 4)))
+        self.net.train()
+        bar = progress(range(steps), desc=self.desc + (" (VAE round trip)" if roundtrip is not None else ""),
+                       **({"position": bar_position} if bar_position is not None else {}))
+        for i in bar:
+            x, scenes = self.make_batch(self.step)
+            self.step += 1
+            if roundtrip is not None:
+                k = int(len(x) * roundtrip_frac)
+                if k:
+                    with torch.no_grad():
+                        x = torch.cat([roundtrip(x[:k]), x[k:]])
+            x = degrade(x, self.g, strength=float(torch.rand(1, generator=self.g)) * 1.2)
+            haz_t, idx = scene_targets(scenes)
+            haz, heads = self.net(x)
+            # hazards are rare per category (1 in ~14 images): up-weight positives and the hazard head as a whole,
+            # it is the judge's main job
+            loss = 4.0 * F.binary_cross_entropy_with_logits(haz, haz_t,
+                                                            pos_weight=torch.full((len(CATEGORIES),), 3.0))
+            for a in ATTRIBUTES:
+                loss = loss + F.cross_entropy(heads[a], idx[a], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if i % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        return self
+
+    def judge(self) -> "Judge":
+        self.net.eval()
+        return Judge(self.net, CATEGORIES, self.labels, {"width": self.width, "features": 256})
+
+
 def train_judge(make_batch: Callable[[int], tuple[torch.Tensor, list[Scene]]], *, steps: int, batch_size: int,
                 lr: float, seed: int, roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 roundtrip_frac: float = 0.35, width: int = 24, progress_desc: str = "judge") -> Judge:
-    """Train a judge from ``make_batch(step) -> (images in [-1, 1], scenes)``.
-
-    ``roundtrip`` (e.g. a VAE encode/decode) degrades a fraction of each batch the way the world model does.
-    """
-    from ..utils import progress
-    torch.manual_seed(seed)
-    labels = label_space()
-    net = JudgeNet(CATEGORIES, labels, width=width)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    net.train()
-    bar = progress(range(steps), desc=progress_desc)
-    for step in bar:
-        x, scenes = make_batch(step)
-        if roundtrip is not None:
-            k = int(len(x) * roundtrip_frac)
-            if k:
-                with torch.no_grad():
-                    x = torch.cat([roundtrip(x[:k]), x[k:]])
-        x = degrade(x, g, strength=float(torch.rand(1, generator=g)) * 1.2)
-        haz_t, idx = scene_targets(scenes)
-        haz, heads = net(x)
-        # hazards are rare per category (1 in ~14 images): up-weight positives and the hazard head as a whole,
-        # it is the judge's main job
-        loss = 4.0 * F.binary_cross_entropy_with_logits(haz, haz_t, pos_weight=torch.full((len(CATEGORIES),), 3.0))
-        for k in ATTRIBUTES:
-            loss = loss + F.cross_entropy(heads[k], idx[k], label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    net.eval()
-    return Judge(net, CATEGORIES, labels, {"width": width, "features": 256})
+    """Train a judge in one round (``batch_size`` is ``make_batch``'s, kept for callers); see :class:`JudgeTrainer`."""
+    return (JudgeTrainer(make_batch, seed=seed, width=width, progress_desc=progress_desc)
+            .train(steps, lr, roundtrip, roundtrip_frac).judge())
