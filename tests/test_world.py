@@ -6,6 +6,8 @@ import json
 import random
 import re
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -362,6 +364,35 @@ def test_later_stages_see_the_vae_as_it_ships(tmp_path):
     again = {k: v.clone() for k, v in fresh.state_dict().items()}
     T.as_shipped(fresh)  # idempotent
     assert all(torch.equal(again[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_judge_trained_alongside_the_vae_changes_neither():
+    """Stage 1 on one thread with the judge's first round on the other core gives the VAE stage 1 gives alone (and
+    without a second core), and the same judge every time (torch's global generator is shared between threads:
+    the judge must not draw from it while the VAE trains)."""
+    from safealign.world import train as T
+    prev = torch.get_num_threads()
+    try:
+        cfg = dataclasses.replace(T.WorldConfig.quick_config(seed=5), vae_steps=6, vae_decoder_steps=0, vae_batch=8,
+                                  judge_steps=8, judge_roundtrip_steps=4, judge_batch=16)
+        vae_a, judge_a, _, t_a = T._vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
+        torch.set_num_threads(1)
+        vae_alone, _ = T.train_vae(cfg)
+        vae_b, judge_b, _, t_b = T._vae_and_judge(dataclasses.replace(cfg, threads=1, vae_threads=1))
+    finally:
+        torch.set_num_threads(prev)
+    assert "judge_renders_alongside_vae" in t_a and "judge_renders_alongside_vae" in t_b
+    T.as_shipped(vae_alone)
+    for other in (vae_alone, vae_b):
+        assert all(torch.equal(a, b) for a, b in zip(vae_a.state_dict().values(), other.state_dict().values()))
+    # the judge's second round ran on 2 threads against 1 (float noise); alongside again gives it bit for bit
+    prev = torch.get_num_threads()
+    try:
+        _, judge_c, _, _ = T._vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(a, b) for a, b in zip(judge_a.net.state_dict().values(),
+                                                 judge_c.net.state_dict().values()))
 
 
 def test_build_trains_the_vae_on_its_own_thread_count_and_writes_nothing_on_failure(tmp_path, monkeypatch):

@@ -473,12 +473,15 @@ def _vae_and_judge(cfg: WorldConfig):
             raise _Cancelled
         return jdata.batch(cfg.judge_batch)
 
+    # made here, before the VAE: building the net draws from torch's global generator, which the VAE stage (on
+    # another thread) also draws from; training the judge draws from its own generator only
+    trainer = JudgeTrainer(batch, seed=cfg.seed + 1, progress_desc="judge")
+
     def first_round(bar_position: int | None = None) -> JudgeTrainer:
         prev = torch.get_num_threads()
         torch.set_num_threads(1)  # per OS thread: the caller's count is untouched
         try:
             t0 = time.perf_counter()
-            trainer = JudgeTrainer(batch, seed=cfg.seed + 1, progress_desc="judge")
             trainer.train(cfg.judge_steps, cfg.judge_lr, bar_position=bar_position)
             timings["judge_renders_alongside_vae"] = time.perf_counter() - t0
             return trainer
@@ -500,7 +503,7 @@ def _vae_and_judge(cfg: WorldConfig):
                 torch.set_num_threads(cfg.threads)
             timings["vae"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            trainer = pending.result() if pending is not None else first_round()
+            pending.result() if pending is not None else first_round()
         except BaseException:
             stop.set()
             raise
