@@ -160,7 +160,7 @@ def train_vae(cfg: WorldConfig):
         refine_decoder(vae, cfg, data)
     vae.eval().requires_grad_(False)
     # SD convention: scaled latents have unit variance
-    x, _ = data.batch(512)
+    x, _ = data.batch(64 if cfg.quick else 512)
     with torch.no_grad():
         std = vae.encode(x).latent_dist.mean.std().item()
         vae.register_to_config(scaling_factor=float(1.0 / max(std, 1e-6)))
