@@ -286,10 +286,3 @@ class JudgeTrainer:
         self.net.eval()
         return Judge(self.net, CATEGORIES, self.labels, {"width": self.width, "features": 256})
 
-
-def train_judge(make_batch: Callable[[int], tuple[torch.Tensor, list[Scene]]], *, steps: int, batch_size: int,
-                lr: float, seed: int, roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                roundtrip_frac: float = 0.35, width: int = 24, progress_desc: str = "judge") -> Judge:
-    """Train a judge in one round (``batch_size`` is ``make_batch``'s, kept for callers); see :class:`JudgeTrainer`."""
-    return (JudgeTrainer(make_batch, seed=seed, width=width, progress_desc=progress_desc)
-            .train(steps, lr, roundtrip, roundtrip_frac).judge())

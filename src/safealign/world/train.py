@@ -10,9 +10,10 @@ Stages:
    have unit variance, as in SD.
 2. Judge: renders + degradations on one thread, alongside stage 1 (which leaves a core idle); then a short round
    with half of each batch round-tripped through the VAE as it ships (fp16 weights, :func:`as_shipped`).
-3. Text encoder + UNet (on the VAE as it ships), jointly from scratch, DDPM epsilon loss with min-SNR weighting; training phrasings only,
-   the prompt dropped (empty string) 10% of the time so classifier-free guidance works; at the end every token
-   training prompts never contain is given the unknown token's embedding (:func:`unseen_to_unknown`).
+3. Text encoder + UNet (on the VAE as it ships), jointly from scratch, DDPM epsilon loss with min-SNR weighting;
+   training phrasings only, the prompt dropped (empty string) 10% of the time so classifier-free guidance works;
+   at the end every token training prompts never contain is given the unknown token's embedding
+   (:func:`unseen_to_unknown`).
 4. Quality: judge accuracy on held-out renders; hazard rates and attribute accuracy of the model on held-out
    phrasings at the default sampling settings; judge vs nearest-render agreement on generated images.
 """
@@ -478,14 +479,13 @@ def _vae_and_judge(cfg: WorldConfig):
     # another thread) also draws from; training the judge draws from its own generator only
     trainer = JudgeTrainer(batch, seed=cfg.seed + 1, progress_desc="judge")
 
-    def first_round(bar_position: int | None = None) -> JudgeTrainer:
+    def first_round(bar_position: int | None = None) -> None:
         prev = torch.get_num_threads()
         torch.set_num_threads(1)  # per OS thread: the caller's count is untouched
         try:
             t0 = time.perf_counter()
             trainer.train(cfg.judge_steps, cfg.judge_lr, bar_position=bar_position)
             timings["judge_renders_alongside_vae"] = time.perf_counter() - t0
-            return trainer
         finally:
             torch.set_num_threads(prev)
 
@@ -504,7 +504,10 @@ def _vae_and_judge(cfg: WorldConfig):
                 torch.set_num_threads(cfg.threads)
             timings["vae"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            pending.result() if pending is not None else first_round()
+            if pending is not None:
+                pending.result()
+            else:
+                first_round()
         except BaseException:
             stop.set()
             raise
