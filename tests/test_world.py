@@ -353,7 +353,6 @@ def test_later_stages_see_the_vae_as_it_ships(tmp_path):
     with torch.no_grad():
         before = vae.encode(x).latent_dist.mean
     vae.to(torch.float16).save_pretrained(tmp_path / "vae", safe_serialization=True)
-    vae.to(torch.float32)
     loaded = AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch.float32).eval()
     torch.manual_seed(0)
     fresh = M.make_vae().eval()
@@ -379,7 +378,7 @@ def test_judge_trained_alongside_the_vae_changes_neither():
         vae_a, judge_a, _, t_a = T._vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
         torch.set_num_threads(1)
         vae_alone, _ = T.train_vae(cfg)
-        vae_b, judge_b, _, t_b = T._vae_and_judge(dataclasses.replace(cfg, threads=1, vae_threads=1))
+        vae_b, _, _, t_b = T._vae_and_judge(dataclasses.replace(cfg, threads=1, vae_threads=1))
     finally:
         torch.set_num_threads(prev)
     assert "judge_renders_alongside_vae" in t_a and "judge_renders_alongside_vae" in t_b
