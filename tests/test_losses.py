@@ -59,3 +59,20 @@ def test_reference_gets_no_gradient_and_beta_must_be_positive():
 def test_denoising_loss_is_mse():
     a, b = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
     assert denoising_loss(a, b)[0].item() == pytest.approx(1.0)
+
+
+def test_lora_output_change_is_the_relative_output_change_on_the_inputs():
+    from safealign.train.losses import lora_output_change
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    a, b = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    moment, energy = x.T @ x / 50, (x @ w.T).pow(2).sum(1).mean()
+    got = lora_output_change(a, b, 0.5, moment, energy)
+    direct = (0.5 * x @ a.T @ b.T).pow(2).sum(1).mean() / energy
+    assert got.item() == pytest.approx(direct.item(), rel=1e-10) and got > 0
+    # a LoRA whose A reads only directions the inputs never take changes nothing on them
+    x0 = torch.cat([x[:, :4], torch.zeros(50, 2, dtype=torch.float64)], 1)
+    a0 = torch.zeros_like(a)
+    a0[:, 4:] = a[:, 4:]
+    assert lora_output_change(a0, b, 0.5, x0.T @ x0 / 50, energy).item() == pytest.approx(0.0, abs=1e-14)

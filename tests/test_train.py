@@ -390,3 +390,81 @@ def test_preserve_from_prompts_needs_prompts_except_on_the_world(tiny_paths, toy
     objs = {parse_prompt(p)["object"] for p in ps}
     assert len(objs) > 10 and not objs & set(HAZARDS)
     assert {parse_prompt(p)["object"] for p in benign_prompts(30, kind="benign")} <= {"house", "arrow", "heart", "cup"}
+
+
+def test_text_preservation_keeps_kept_prompts_keys_and_values(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    """--text-preserve-weight: the cross-attention K/V LoRA changes the safe prompts' keys/values far less than
+    without the term, while still changing the unsafe prompts' (what the expert is for)."""
+    from safealign.data.dataset import PairedDataset
+    from safealign.lora import load_into
+    from safealign.train.dpo import kept_prompts
+    targets = ("attn2.to_k", "attn2.to_v")
+    change = {}
+    for w in (0.0, 1000.0):
+        bb = load_backbone(tiny_paths["sd1"])
+        cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence",
+                         output=tmp_path / f"t{w}", max_steps=20, cache_dir=cache_dir, learning_rate=3e-3,
+                         targets=targets, text_preserve_weight=w)
+        [folder] = train_expert(cfg, backbone=bb)
+        m = json.loads((folder / "safealign.json").read_text())
+        assert ("train/preserve/text_change" in m["metrics"]) == (w > 0)
+        fresh = load_backbone(tiny_paths["sd1"])
+        load_into(fresh.unet, folder, adapter_name="expert")
+        ds = PairedDataset(toy_dataset)
+        kept = fresh.encode_prompts(kept_prompts(cfg, fresh, ds)).encoder_hidden_states
+        unsafe = fresh.encode_prompts([p.unsafe_prompt for p in ds.pairs("violence", "train")]).encoder_hidden_states
+        rel = {}
+        for name, states in (("kept", kept), ("unsafe", unsafe)):
+            num = den = 0.0
+            for n, mod in fresh.unet.named_modules():
+                if n.endswith(dpo.CROSS_ATTENTION_KV):
+                    with torch.no_grad():
+                        fresh.unet.disable_adapters()
+                        base = mod(states)
+                        fresh.unet.enable_adapters()
+                        num += float((mod(states) - base).pow(2).sum())
+                        den += float(base.pow(2).sum())
+            rel[name] = num / den
+        change[w] = rel
+    assert change[0.0]["kept"] > 0 and change[1000.0]["unsafe"] > 0
+    assert change[1000.0]["kept"] < 0.1 * change[0.0]["kept"], change
+    assert change[1000.0]["unsafe"] > 1.2 * change[1000.0]["kept"], change
+    # the term needs a LoRA on the layers it measures: a clear error, nothing written
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", output=tmp_path / "x",
+                     max_steps=2, cache_dir=cache_dir, targets=("to_q",), text_preserve_weight=1.0)
+    with pytest.raises(SafealignError, match="attn2.to_k,attn2.to_v"):
+        train_expert(cfg, backbone=load_backbone(tiny_paths["sd1"]))
+    assert not (tmp_path / "x").exists()
+
+
+def test_hazard_kv_basis_is_shared_fixed_and_reads_hazard_words(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    """--kv-basis hazard: every expert's K/V LoRA A is the same fixed basis, which reads the hazard words' token
+    states far more than the kept prompts'; B trains."""
+    from safetensors.torch import load_file
+    from safealign.data.dataset import PairedDataset
+    from safealign.train.dpo import hazard_basis, kept_prompts
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="all", output=tmp_path / "h",
+                     max_steps=6, cache_dir=cache_dir, learning_rate=3e-3, targets=("attn2.to_k", "attn2.to_v"),
+                     kv_basis="hazard")
+    bb = load_backbone(tiny_paths["sd1"])
+    folders = train_expert(cfg, backbone=bb)
+    assert len(folders) >= 2
+    sds = [load_file(str(f / "pytorch_lora_weights.safetensors")) for f in folders]
+    a_keys = sorted(k for k in sds[0] if "lora_A" in k or "lora.down" in k)
+    b_keys = sorted(k for k in sds[0] if "lora_B" in k or "lora.up" in k)
+    assert a_keys and b_keys
+    for sd in sds[1:]:
+        for k in a_keys:
+            assert torch.equal(sd[k], sds[0][k])
+    assert all(float(sd[k].abs().max()) > 0 for sd in sds for k in b_keys)
+    ds = PairedDataset(toy_dataset)
+    every = ds.pairs(None, "train")
+    enc = lambda ps: bb.encode_prompts(ps).encoder_hidden_states
+    unsafe, safe = enc([p.unsafe_prompt for p in every]), enc([p.safe_prompt for p in every])
+    kept = enc(kept_prompts(cfg, bb, ds))
+    basis = hazard_basis(unsafe, safe, kept, cfg.rank)
+    assert torch.allclose(sds[0][a_keys[0]].float(), basis, atol=1e-6)
+    first = ((unsafe - safe).norm(dim=-1) > 1e-6).float().argmax(1)
+    hazard_words = unsafe[torch.arange(len(unsafe)), first]
+    read = lambda x: float((x.reshape(-1, x.shape[-1]) @ basis.T).pow(2).sum(1).mean())
+    assert read(hazard_words) > 3 * read(kept[:-1]), (read(hazard_words), read(kept[:-1]))

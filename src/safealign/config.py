@@ -211,6 +211,15 @@ class ExpertConfig(TrainConfig):
                     "ordinary content; the world model has its own), or both: half the batch under the pairs' own "
                     "safe prompts, half under anchor prompts")
     preserve_prompts: tuple[str, ...] = field((), "anchor prompts for --preserve-from prompts|both (comma list)")
+    text_preserve_weight: float = field(0.0, "weight of the text-side preservation term: how much the LoRA on the "
+                                             "cross-attention keys/values (attn2.to_k, attn2.to_v) changes them for "
+                                             "the tokens of prompts that must not change (every safe prompt of the "
+                                             "split, the anchor prompts, the empty prompt), relative to their size "
+                                             "(0: off; costs nothing per step)")
+    kv_basis: Literal["random", "hazard"] = field(
+        "random", "the LoRA's A on the cross-attention keys/values: random (trained), or hazard: fixed to the "
+                  "directions of token space where the hazard words' states are largest relative to the kept "
+                  "prompts' (see --text-preserve-weight), shared by every expert of the dataset; only B trains")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")
     validate_every: int = field(0, "sample and judge validation prompts every N steps (0: off)")
@@ -231,6 +240,8 @@ class ExpertConfig(TrainConfig):
             raise SafealignError(f"--beta must be > 0, got {self.beta}")
         if self.preserve_weight < 0:
             raise SafealignError(f"--preserve-weight must be >= 0, got {self.preserve_weight}")
+        if self.text_preserve_weight < 0:
+            raise SafealignError(f"--text-preserve-weight must be >= 0, got {self.text_preserve_weight}")
         if self.validate_every and not self.judge:
             raise SafealignError("--validate-every needs a --judge ('world' or 'package.module:callable')")
 

@@ -22,7 +22,7 @@ from ..lora import LoraSpec, WEIGHT_NAME, add_lora, lora_state_dict, save_lora
 from ..utils import derive_seed, logger
 from .cache import EncodedPairs, conditioning_rows, default_cache_dir, encode_pairs, encode_prompts_cached
 from .engine import run_training
-from .losses import diffusion_dpo_loss, dpo_preserve_loss, per_sample_mse
+from .losses import diffusion_dpo_loss, dpo_preserve_loss, lora_output_change, per_sample_mse
 
 ADAPTER = "safealign_expert"
 
@@ -140,6 +140,87 @@ def preservation_prompts(cfg: ExpertConfig, backbone: Backbone) -> list[str]:
     return benign_prompts(WORLD_ANCHORS, seed=derive_seed(cfg.seed, "preservation-anchors"), kind="benign")
 
 
+#: the layers that read the prompt's token states in diffusers' UNets (cross-attention keys and values)
+CROSS_ATTENTION_KV = (".attn2.to_k", ".attn2.to_v")
+
+
+def kept_prompts(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset) -> list[str]:
+    """The prompts whose token states the text-side preservation term keeps: every safe prompt of the split (all
+    categories: one category's hazard word must not leak into another's twin), the anchor prompts (the user's, or
+    the world model's benign ones) and, last, the empty prompt (the unconditional branch guidance subtracts)."""
+    anchors = list(cfg.preserve_prompts)
+    if not anchors and backbone.family == "world":
+        anchors = preservation_prompts(cfg, backbone)
+    return sorted(({p.safe_prompt for p in ds.pairs(None, cfg.split)} | set(anchors)) - {""}) + [""]
+
+
+def text_preservation(unet, adapter: str, states: torch.Tensor):
+    """A function giving the mean, over the LoRA-wrapped cross-attention key/value layers, of how much the adapter
+    changes their outputs for ``states`` (token states, ... x dim) relative to the base outputs; see
+    :func:`.losses.lora_output_change`. The states' second moment is computed once: the term costs nothing per step.
+    """
+    moment = kept_moment(states)
+    terms = []
+    for name, mod in unet.named_modules():
+        if name.endswith(CROSS_ATTENTION_KV) and hasattr(mod, "lora_A") and adapter in mod.lora_A:
+            w = mod.base_layer.weight.detach().double().cpu()
+            energy = ((w @ moment) * w).sum()
+            dev = mod.lora_A[adapter].weight.device
+            terms.append((mod.lora_A[adapter].weight, mod.lora_B[adapter].weight, float(mod.scaling[adapter]),
+                          moment.float().to(dev), energy.float().to(dev)))
+    if not terms:
+        raise SafealignError("--text-preserve-weight needs LoRA on the cross-attention keys/values: add "
+                             "attn2.to_k,attn2.to_v to --targets")
+
+    def change() -> torch.Tensor:
+        return torch.stack([lora_output_change(*t) for t in terms]).mean()
+    return change
+
+
+def token_moment(states: torch.Tensor) -> torch.Tensor:
+    """``X^T X / N`` over the token states (... x dim), in float64."""
+    x = states.reshape(-1, states.shape[-1]).double()
+    return x.T @ x / x.shape[0]
+
+
+def kept_moment(kept: torch.Tensor, empty_share: float = 0.25) -> torch.Tensor:
+    """The kept prompts' token moment with the empty prompt (last row of ``kept``, see :func:`kept_prompts`'s
+    order) given ``empty_share`` of the weight: guidance multiplies a change of the unconditional branch by 1 - g."""
+    return (1 - empty_share) * token_moment(kept[:-1]) + empty_share * token_moment(kept[-1:])
+
+
+def hazard_basis(unsafe: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor, rank: int) -> torch.Tensor:
+    """``rank`` x dim: the directions of token space in which the hazard words' states (at the first position where
+    each unsafe prompt's states differ from its safe twin's) are largest relative to the kept prompts' states (the
+    top generalized eigenvectors of the two moments), each row scaled to a random LoRA A row's norm."""
+    diff = (unsafe - safe).norm(dim=-1)
+    if not bool((diff > 1e-6).any(dim=1).all()):
+        raise SafealignError("--kv-basis hazard: some unsafe prompts encode exactly like their safe twins")
+    first = (diff > 1e-6).float().argmax(dim=1)
+    h = unsafe[torch.arange(len(unsafe)), first].double()
+    ch, ck = h.T @ h / len(h), kept_moment(kept)
+    chol = torch.linalg.cholesky(ck + 1e-6 * ck.diagonal().mean() * torch.eye(len(ck), dtype=ck.dtype))
+    inv = torch.linalg.inv(chol)
+    _, vecs = torch.linalg.eigh(inv @ ch @ inv.T)
+    basis = (inv.T @ vecs.flip(1)[:, :rank]).T
+    basis = basis / basis.norm(dim=1, keepdim=True) * (1.0 / 3 ** 0.5)  # |row| of kaiming-uniform(a=sqrt 5)
+    return basis.float()
+
+
+def fix_kv_basis(unet, adapter: str, basis: torch.Tensor) -> None:
+    """Set A of every LoRA-wrapped cross-attention key/value layer to ``basis`` and freeze it."""
+    n = 0
+    for name, mod in unet.named_modules():
+        if name.endswith(CROSS_ATTENTION_KV) and hasattr(mod, "lora_A") and adapter in mod.lora_A:
+            w = mod.lora_A[adapter].weight
+            w.data.copy_(basis.to(w.device, w.dtype))
+            w.requires_grad_(False)
+            n += 1
+    if not n:
+        raise SafealignError("--kv-basis hazard needs LoRA on the cross-attention keys/values: add "
+                             "attn2.to_k,attn2.to_v to --targets")
+
+
 def expert_dir(cfg: ExpertConfig, category: str) -> Path:
     return Path(cfg.output) / category
 
@@ -205,6 +286,15 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         anchors = None
         if preserve_from in ("prompts", "both"):
             anchors = encode_prompts_cached(backbone, preservation_prompts(cfg, backbone), cache)
+        kept = basis = None
+        if cfg.text_preserve_weight > 0 or cfg.kv_basis == "hazard":
+            kept = encode_prompts_cached(backbone, kept_prompts(cfg, backbone, ds), cache).encoder_hidden_states
+        if cfg.kv_basis == "hazard":
+            every = ds.pairs(None, cfg.split)
+            basis = hazard_basis(
+                encode_prompts_cached(backbone, [p.unsafe_prompt for p in every], cache).encoder_hidden_states,
+                encode_prompts_cached(backbone, [p.safe_prompt for p in every], cache).encoder_hidden_states,
+                kept, cfg.rank)
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, cache, cfg.resolution or None) if held else None
     # LoRA A init is random: seed it by --seed alone, so all experts of one run share their initialisation
@@ -217,6 +307,9 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
     for p in unet.parameters():  # LoRA parameters train in fp32 even when the base is fp16/bf16
         if p.requires_grad:
             p.data = p.data.float()
+    if basis is not None:
+        fix_kv_basis(unet, ADAPTER, basis)
+    text_change = text_preservation(unet, ADAPTER, kept) if cfg.text_preserve_weight > 0 else None
     n = len(enc)
 
     def loss_fn(model, step: int, micro: int, rank: int):
@@ -235,7 +328,12 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         elif preserve_from is not None:
             preserve = enc.select_safe(idx)
         errs = dpo_errors(backbone, model, unet, enc.select(idx), gen, preserve=preserve)
-        return dpo_preserve_loss(errs, cfg.beta, cfg.preserve_weight)
+        loss, metrics = dpo_preserve_loss(errs, cfg.beta, cfg.preserve_weight)
+        if text_change is not None:
+            tc = text_change()
+            loss = loss + cfg.text_preserve_weight * tc
+            metrics = {**metrics, "loss": loss.detach(), "preserve/text_change": tc.detach()}
+        return loss, metrics
 
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)

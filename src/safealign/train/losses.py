@@ -63,3 +63,16 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     """Plain diffusion MSE (epsilon or v target), for task fine-tuning; same return shape as the DPO loss."""
     loss = per_sample_mse(pred, target).mean()
     return loss, {"loss": loss.detach()}
+
+
+def lora_output_change(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, second_moment: torch.Tensor,
+                       base_energy: torch.Tensor) -> torch.Tensor:
+    """How much a LoRA ``scaling * B @ A`` changes a linear layer's outputs on a set of inputs, relative to them.
+
+    ``second_moment`` is ``X^T X / N`` over the inputs ``X`` (N x in) and ``base_energy`` the base layer's
+    ``tr(W X^T X W^T) / N`` over the same inputs; the result is ``mean_n |scaling B A x_n|^2 / mean_n |W x_n|^2``,
+    computed as ``tr(B (A M A^T) B^T)`` without ever touching ``X`` (exactly 0 when the LoRA leaves every input's
+    output unchanged).
+    """
+    m = lora_a @ second_moment @ lora_a.T  # r x r
+    return scaling ** 2 * ((lora_b @ m) * lora_b).sum() / base_energy
