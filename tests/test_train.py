@@ -69,9 +69,11 @@ def test_expert_folder_loads_in_diffusers_like_in_memory(tiny_paths, toy_dataset
     assert np.abs(img - plain).max() > 1e-4  # and the expert does change the output
 
 
-def test_resume_equals_uninterrupted(tiny_paths, toy_dataset, cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"targets": ("attn2.to_k", "attn2.to_v"), "kv_basis": "hazard",
+                                        "text_preserve_weight": 10.0}], ids=["default", "kv-hazard-basis"])
+def test_resume_equals_uninterrupted(tiny_paths, toy_dataset, cache_dir, tmp_path, monkeypatch, extra):
     kw = dict(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", max_steps=12, cache_dir=cache_dir,
-              checkpoint_every=4, keep_checkpoints=2)
+              checkpoint_every=4, keep_checkpoints=2, **extra)
     [ref] = train_expert(expert_cfg(output=tmp_path / "a", **kw))
     calls = {"n": 0}
     real = dpo.dpo_preserve_loss  # the loss the training loop calls
