@@ -154,6 +154,16 @@ def kept_prompts(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset) -> li
     return sorted(({p.safe_prompt for p in ds.pairs(None, cfg.split)} | set(anchors)) - {""}) + [""]
 
 
+def cross_kv_loras(unet, adapter: str, option: str) -> list:
+    """The LoRA-wrapped cross-attention key/value layers of ``adapter`` (an error naming ``option`` if none)."""
+    mods = [m for n, m in unet.named_modules()
+            if n.endswith(CROSS_ATTENTION_KV) and hasattr(m, "lora_A") and adapter in m.lora_A]
+    if not mods:
+        raise SafealignError(f"{option} needs LoRA on the cross-attention keys/values: add attn2.to_k,attn2.to_v "
+                             "to --targets")
+    return mods
+
+
 def text_preservation(unet, adapter: str, states: torch.Tensor):
     """A function giving the mean, over the LoRA-wrapped cross-attention key/value layers, of how much the adapter
     changes their outputs for ``states`` (token states, ... x dim) relative to the base outputs; see
@@ -161,16 +171,12 @@ def text_preservation(unet, adapter: str, states: torch.Tensor):
     """
     moment = kept_moment(states)
     terms = []
-    for name, mod in unet.named_modules():
-        if name.endswith(CROSS_ATTENTION_KV) and hasattr(mod, "lora_A") and adapter in mod.lora_A:
-            w = mod.base_layer.weight.detach().double().cpu()
-            energy = ((w @ moment) * w).sum()
-            dev = mod.lora_A[adapter].weight.device
-            terms.append((mod.lora_A[adapter].weight, mod.lora_B[adapter].weight, float(mod.scaling[adapter]),
-                          moment.float().to(dev), energy.float().to(dev)))
-    if not terms:
-        raise SafealignError("--text-preserve-weight needs LoRA on the cross-attention keys/values: add "
-                             "attn2.to_k,attn2.to_v to --targets")
+    for mod in cross_kv_loras(unet, adapter, "--text-preserve-weight"):
+        w = mod.base_layer.weight.detach().double().cpu()
+        energy = ((w @ moment) * w).sum()
+        dev = mod.lora_A[adapter].weight.device
+        terms.append((mod.lora_A[adapter].weight, mod.lora_B[adapter].weight, float(mod.scaling[adapter]),
+                      moment.float().to(dev), energy.float().to(dev)))
 
     def change() -> torch.Tensor:
         return torch.stack([lora_output_change(*t) for t in terms]).mean()
@@ -209,16 +215,10 @@ def hazard_basis(unsafe: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor, r
 
 def fix_kv_basis(unet, adapter: str, basis: torch.Tensor) -> None:
     """Set A of every LoRA-wrapped cross-attention key/value layer to ``basis`` and freeze it."""
-    n = 0
-    for name, mod in unet.named_modules():
-        if name.endswith(CROSS_ATTENTION_KV) and hasattr(mod, "lora_A") and adapter in mod.lora_A:
-            w = mod.lora_A[adapter].weight
-            w.data.copy_(basis.to(w.device, w.dtype))
-            w.requires_grad_(False)
-            n += 1
-    if not n:
-        raise SafealignError("--kv-basis hazard needs LoRA on the cross-attention keys/values: add "
-                             "attn2.to_k,attn2.to_v to --targets")
+    for mod in cross_kv_loras(unet, adapter, "--kv-basis hazard"):
+        w = mod.lora_A[adapter].weight
+        w.data.copy_(basis.to(w.device, w.dtype))
+        w.requires_grad_(False)
 
 
 def expert_dir(cfg: ExpertConfig, category: str) -> Path:
