@@ -444,7 +444,7 @@ def test_hazard_kv_basis_is_shared_fixed_and_reads_hazard_words(tiny_paths, toy_
     states far more than the kept prompts'; B trains."""
     from safetensors.torch import load_file
     from safealign.data.dataset import PairedDataset
-    from safealign.train.dpo import hazard_basis, kept_prompts
+    from safealign.train.dpo import hazard_basis, hazard_states, kept_prompts
     cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="all", output=tmp_path / "h",
                      max_steps=6, cache_dir=cache_dir, learning_rate=3e-3, targets=("attn2.to_k", "attn2.to_v"),
                      kv_basis="hazard")
@@ -464,9 +464,37 @@ def test_hazard_kv_basis_is_shared_fixed_and_reads_hazard_words(tiny_paths, toy_
     enc = lambda ps: bb.encode_prompts(ps).encoder_hidden_states
     unsafe, safe = enc([p.unsafe_prompt for p in every]), enc([p.safe_prompt for p in every])
     kept = enc(kept_prompts(cfg, bb, ds))
-    basis = hazard_basis(unsafe, safe, kept, cfg.rank)
+    hazard_words = hazard_states(unsafe, safe).float()
+    basis = hazard_basis(hazard_words, kept, cfg.rank)
     assert torch.allclose(sds[0][a_keys[0]].float(), basis, atol=1e-6)
     first = ((unsafe - safe).norm(dim=-1) > 1e-6).float().argmax(1)
-    hazard_words = unsafe[torch.arange(len(unsafe)), first]
+    assert torch.equal(hazard_words, unsafe[torch.arange(len(unsafe)), first])
     read = lambda x: float((x.reshape(-1, x.shape[-1]) @ basis.T).pow(2).sum(1).mean())
     assert read(hazard_words) > 3 * read(kept[:-1]), (read(hazard_words), read(kept[:-1]))
+
+
+def test_category_kv_basis_reads_own_hazard_words_not_other_categories(tiny_paths, toy_dataset, cache_dir, tmp_path):
+    """--kv-basis category: each expert's fixed A reads its own category's hazard words far more than the other
+    categories' hazard words and the kept prompts; the experts' bases differ and only B trains."""
+    from safetensors.torch import load_file
+    from safealign.data.dataset import PairedDataset
+    from safealign.train.dpo import hazard_states
+    cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="all", output=tmp_path / "c",
+                     max_steps=4, cache_dir=cache_dir, learning_rate=3e-3, targets=("attn2.to_k", "attn2.to_v"),
+                     kv_basis="category", rank=2, alpha=2)
+    bb = load_backbone(tiny_paths["sd1"])
+    folders = train_expert(cfg, backbone=bb)
+    ds = PairedDataset(toy_dataset)
+    every = ds.pairs(None, "train")
+    enc = lambda ps: bb.encode_prompts(ps).encoder_hidden_states
+    states = hazard_states(enc([p.unsafe_prompt for p in every]), enc([p.safe_prompt for p in every])).float()
+    bases = []
+    for f in folders:
+        sd = load_file(str(f / "pytorch_lora_weights.safetensors"))
+        a = sd[sorted(k for k in sd if "lora_A" in k or "lora.down" in k)[0]].float()
+        assert all(float(sd[k].abs().max()) > 0 for k in sd if "lora_B" in k or "lora.up" in k)
+        own = torch.tensor([p.category == f.name for p in every])
+        read = lambda x: float((x @ a.T).pow(2).sum(1).mean())
+        assert read(states[own]) > 3 * read(states[~own]), (f.name, read(states[own]), read(states[~own]))
+        bases.append(a)
+    assert not torch.allclose(bases[0], bases[1])

@@ -216,10 +216,13 @@ class ExpertConfig(TrainConfig):
                                              "the tokens of prompts that must not change (every safe prompt of the "
                                              "split, the anchor prompts, the empty prompt), relative to their size "
                                              "(0: off; costs nothing per step)")
-    kv_basis: Literal["random", "hazard"] = field(
-        "random", "the LoRA's A on the cross-attention keys/values: random (trained), or hazard: fixed to the "
+    kv_basis: Literal["random", "hazard", "category"] = field(
+        "random", "the LoRA's A on the cross-attention keys/values: random (trained); hazard: fixed to the "
                   "directions of token space where the hazard words' states are largest relative to the kept "
-                  "prompts' (see --text-preserve-weight), shared by every expert of the dataset; only B trains")
+                  "prompts' (see --text-preserve-weight), shared by every expert of the dataset; category: each "
+                  "expert's own, where its category's hazard words are largest relative to the kept prompts and "
+                  "every other category's hazard words (experts that do not act on each other's words); only B "
+                  "trains")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")
     validate_every: int = field(0, "sample and judge validation prompts every N steps (0: off)")

@@ -195,16 +195,27 @@ def kept_moment(kept: torch.Tensor, empty_share: float = 0.25) -> torch.Tensor:
     return (1 - empty_share) * token_moment(kept[:-1]) + empty_share * token_moment(kept[-1:])
 
 
-def hazard_basis(unsafe: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor, rank: int) -> torch.Tensor:
-    """``rank`` x dim: the directions of token space in which the hazard words' states (at the first position where
-    each unsafe prompt's states differ from its safe twin's) are largest relative to the kept prompts' states (the
-    top generalized eigenvectors of the two moments), each row scaled to a random LoRA A row's norm."""
+def hazard_states(unsafe: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+    """(N, dim) the hazard word's token state of each pair: the unsafe prompt's state at the first position where
+    it differs from its safe twin's."""
     diff = (unsafe - safe).norm(dim=-1)
     if not bool((diff > 1e-6).any(dim=1).all()):
-        raise SafealignError("--kv-basis hazard: some unsafe prompts encode exactly like their safe twins")
+        raise SafealignError("--kv-basis: some unsafe prompts encode exactly like their safe twins")
     first = (diff > 1e-6).float().argmax(dim=1)
-    h = unsafe[torch.arange(len(unsafe)), first].double()
+    return unsafe[torch.arange(len(unsafe)), first].double()
+
+
+def hazard_basis(hazard: torch.Tensor, kept: torch.Tensor, rank: int, avoid: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``rank`` x dim: the directions of token space in which the hazard words' states (``hazard``, see
+    :func:`hazard_states`) are largest relative to the kept prompts' states (the top generalized eigenvectors of the
+    two moments), each row scaled to a random LoRA A row's norm. ``avoid``: hazard states of other categories,
+    whose moment joins the kept prompts' with equal weight, so the basis reads them as little as kept tokens."""
+    h = hazard.double()
     ch, ck = h.T @ h / len(h), kept_moment(kept)
+    if avoid is not None and len(avoid):
+        a = avoid.double()
+        ck = 0.5 * ck + 0.5 * (a.T @ a / len(a))
     chol = torch.linalg.cholesky(ck + 1e-6 * ck.diagonal().mean() * torch.eye(len(ck), dtype=ck.dtype))
     inv = torch.linalg.inv(chol)
     _, vecs = torch.linalg.eigh(inv @ ch @ inv.T)
@@ -215,7 +226,7 @@ def hazard_basis(unsafe: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor, r
 
 def fix_kv_basis(unet, adapter: str, basis: torch.Tensor) -> None:
     """Set A of every LoRA-wrapped cross-attention key/value layer to ``basis`` and freeze it."""
-    for mod in cross_kv_loras(unet, adapter, "--kv-basis hazard"):
+    for mod in cross_kv_loras(unet, adapter, "--kv-basis"):
         w = mod.lora_A[adapter].weight
         w.data.copy_(basis.to(w.device, w.dtype))
         w.requires_grad_(False)
@@ -287,14 +298,18 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
         if preserve_from in ("prompts", "both"):
             anchors = encode_prompts_cached(backbone, preservation_prompts(cfg, backbone), cache)
         kept = basis = None
-        if cfg.text_preserve_weight > 0 or cfg.kv_basis == "hazard":
+        if cfg.text_preserve_weight > 0 or cfg.kv_basis != "random":
             kept = encode_prompts_cached(backbone, kept_prompts(cfg, backbone, ds), cache).encoder_hidden_states
-        if cfg.kv_basis == "hazard":
+        if cfg.kv_basis != "random":
             every = ds.pairs(None, cfg.split)
-            basis = hazard_basis(
+            states = hazard_states(
                 encode_prompts_cached(backbone, [p.unsafe_prompt for p in every], cache).encoder_hidden_states,
-                encode_prompts_cached(backbone, [p.safe_prompt for p in every], cache).encoder_hidden_states,
-                kept, cfg.rank)
+                encode_prompts_cached(backbone, [p.safe_prompt for p in every], cache).encoder_hidden_states)
+            if cfg.kv_basis == "hazard" or category == POOLED:
+                basis = hazard_basis(states, kept, cfg.rank)
+            else:
+                own = torch.tensor([p.category == category for p in every])
+                basis = hazard_basis(states[own], kept, cfg.rank, avoid=states[~own])
         held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
         enc_held = encode_pairs(backbone, held, cache, cfg.resolution or None) if held else None
     # LoRA A init is random: seed it by --seed alone, so all experts of one run share their initialisation
