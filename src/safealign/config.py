@@ -221,8 +221,8 @@ class ExpertConfig(TrainConfig):
                   "directions of token space where the hazard words' states are largest relative to the kept "
                   "prompts' (see --text-preserve-weight), shared by every expert of the dataset; category: each "
                   "expert's own, where its category's hazard words are largest relative to the kept prompts and "
-                  "every other category's hazard words (experts that do not act on each other's words); only B "
-                  "trains")
+                  "every other category's hazard words (experts that do not act on each other's words; the pooled "
+                  "expert takes the shared one); only B trains")
     split: str = field("train", "dataset split to train on")
     eval_split: str = field("test", "held-out split for implicit accuracy at the end (skipped if empty)")
     validate_every: int = field(0, "sample and judge validation prompts every N steps (0: off)")
