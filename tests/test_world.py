@@ -395,6 +395,32 @@ def test_judge_trained_alongside_the_vae_changes_neither():
                                                  judge_c.net.state_dict().values()))
 
 
+def test_decoder_stage_repaints_latents_without_moving_them():
+    """Stage 1b retrains the decoder alone: the encoder, the latent scale (so every latent the UNet learns from)
+    stay bit for bit what they are without it, and the decoder paints objects back closer to the renders."""
+    from safealign.world import train as T
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cfg = dataclasses.replace(T.WorldConfig.quick_config(seed=5), vae_steps=20, vae_batch=8, judge_steps=4,
+                                  judge_roundtrip_steps=2, judge_batch=16, threads=1, vae_threads=1)
+        plain, _, _, _ = T._vae_and_judge(dataclasses.replace(cfg, vae_decoder_steps=0))
+        refined, _, m, t = T._vae_and_judge(dataclasses.replace(cfg, vae_decoder_steps=40))
+    finally:
+        torch.set_num_threads(prev)
+    assert "vae_decoder" in t and "vae/reconstruction_mae" in m
+    assert plain.config.scaling_factor == refined.config.scaling_factor
+    a, b = plain.state_dict(), refined.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    x, scenes = T._Scenes(123).batch(16)
+    w = T._object_weights(scenes, 4.0) - 1.0  # the object's pixels alone
+
+    def object_error(vae):
+        return float(((T.vae_roundtrip(vae, x) - x).abs() * w).sum() / w.sum())
+    assert object_error(refined) < 0.9 * object_error(plain)
+
+
 def test_build_trains_the_vae_on_its_own_thread_count_and_writes_nothing_on_failure(tmp_path, monkeypatch):
     """Stage 1 runs on ``vae_threads`` (1: the shipped VAE bit for bit), the rest on ``threads``; a stage that fails
     leaves no output folder and the caller's thread count as it was."""
