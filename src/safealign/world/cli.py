@@ -15,8 +15,8 @@ def register(sub) -> None:
     wsub = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", parser_class=type(p))
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    b = wsub.add_parser("build", help="retrain the world model and judge from scratch (seeded; <30 min on 2 CPU "
-                                      "cores)")
+    b = wsub.add_parser("build", help="retrain the world model and judge from scratch (seeded; 30-50 min on 2 "
+                                      "CPU cores)")
     b.add_argument("--quick", action="store_true", help="seconds-long smoke build (unusable weights; for tests)")
     b.add_argument("--output", default=None, metavar="DIR",
                    help="output folder (default: the weights shipped in the package, overwritten)")
@@ -24,7 +24,7 @@ def register(sub) -> None:
     b.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default: 2; use 1 when another job shares the cores)")
     b.add_argument("--unet-steps", type=int, default=None, metavar="N",
-                   help="text encoder + UNet steps (default: the build's own, about 20 minutes)")
+                   help="text encoder + UNet steps (default: the build's own, 6,400: 20-40 minutes)")
     b.add_argument("--reuse-vae-judge", default=None, metavar="DIR",
                    help="take the VAE and judge from this world folder and retrain only the text encoder + UNet")
     b.set_defaults(func=_build)

@@ -1,7 +1,7 @@
 """Build the mini world from scratch: VAE, judge, text encoder + UNet, then measure everything.
 
 ``build(out_dir)`` is what ``safealign world build`` runs; it is seeded (same seed, same machine -> same weights)
-and takes 30-45 minutes on 2 CPU cores, depending on the machine's speed (``quick=True``: about a minute, for tests). Training data is rendered on
+and takes 30-50 minutes on 2 CPU cores, depending on the machine's speed (50.2 min for the shipped weights) (``quick=True``: about a minute, for tests). Training data is rendered on
 the fly (a render costs ~0.1 ms), so no stage ever sees the same image twice and nothing is cached on disk.
 
 Stages:
