@@ -26,7 +26,8 @@ experts: {{max_steps: 6, beta: 2000, learning_rate: 1.0e-3, checkpoint_every: 2,
 merge: {{timesteps: 1, cache_dir: {tmp_path / 'cache'}}}
 evaluate: {{prompts: {tmp_path / 'p.csv'}, steps: 2, bootstrap: 50, fid_features: none}}
 task: {{data: {tmp_path / 'task'}}}
-finetune: {{modes: [modular, sequential, full], max_steps: 4, cache_dir: {tmp_path / 'cache'}}}
+finetune: {{modes: [modular, sequential, full], max_steps: 4, per_mode: {{full: {{max_steps: 3}}}},
+           cache_dir: {tmp_path / 'cache'}}}
 audit: {{judge: "toy_judge:red_judge", prompts: {tmp_path / 'p.csv'}, seeds: 1, num_inference_steps: 2}}
 """)
         return y
@@ -49,6 +50,9 @@ def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, mon
                            "evaluate_finetune", "audit"]
     full = json.loads((ref / "report-full" / "report.json").read_text())
     assert list(full["results"]) == ["full"]  # the fully fine-tuned pipeline, under its own name
+    recorded = {m: json.loads((ref / f"task-{m}" / "safealign.json").read_text())["config"]["max_steps"]
+                for m in ("modular", "sequential", "full")}
+    assert recorded == {"modular": 4, "sequential": 4, "full": 3}  # per_mode overrides the full fine-tune alone
     audit = json.loads((ref / "audit.json").read_text())
     assert sorted(audit) == ["modular", "sequential"]  # task LoRAs only: a full fine-tune is no LoRA to add
     assert set(audit["modular"]["categories"]) == {"violence", "shocking"}
@@ -108,6 +112,14 @@ def test_shipped_configs_are_valid():
     bad["experts"]["lerning_rate"] = 1
     with pytest.raises(Exception, match="lerning_rate"):
         check_sections(bad, "x")
+    # per-mode fine-tune options: only for listed modes, only finetune options, checked before any stage runs
+    ok = yaml.safe_load((root / "world.yaml").read_text())
+    ok["finetune"]["per_mode"] = {"full": {"learning_rate": 1e-5}}
+    check_sections(ok, "x")
+    for per_mode in ({"fulll": {"learning_rate": 1e-5}}, {"full": {"lerning_rate": 1e-5}}, {"full": 1e-5}):
+        ok["finetune"]["per_mode"] = per_mode
+        with pytest.raises(Exception, match="per_mode"):
+            check_sections(ok, "x")
 
 
 def test_demo_summary_counts_safe_twins_in_attribute_accuracy():

@@ -118,7 +118,7 @@ def check_sections(cfg: dict, source: str) -> None:
     from .evaluate.config import EvaluateConfig
     classes = {"prompts": PromptsConfig, "dataset": ImagesConfig, "experts": ExpertConfig, "merge": MergeConfig,
                "evaluate": EvaluateConfig, "finetune": FinetuneConfig, "audit": AuditConfig}
-    extra_keys = {"finetune": {"modes"}, "task": {"data", "images"}}
+    extra_keys = {"finetune": {"modes", "per_mode"}, "task": {"data", "images"}}
     for name in SECTIONS:
         sec = cfg.get(name) or {}
         if not isinstance(sec, dict):
@@ -127,6 +127,14 @@ def check_sections(cfg: dict, source: str) -> None:
         bad = sorted(set(sec) - known - extra_keys.get(name, set()))
         if bad:
             raise SafealignError(f"{source}: section {name!r} has unknown option(s) {', '.join(bad)}")
+    ft = cfg.get("finetune") or {}
+    per_mode = ft.get("per_mode") or {}
+    modes = tuple(ft.get("modes", ("modular", "sequential")))
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"mode"}
+    if not isinstance(per_mode, dict) or not all(m in modes and isinstance(o, dict) and set(o) <= known
+                                                 for m, o in per_mode.items()):
+        raise SafealignError(f"{source}: finetune section's 'per_mode' must map modes listed in 'modes' to "
+                             "finetune options, e.g. per_mode: {full: {learning_rate: 1.0e-4}}")
 
 
 def world_task_quality(model: str, safety: Path, tasks: dict[str, Path], n: int = 32) -> dict[str, dict]:
@@ -244,12 +252,14 @@ def run(config_path: str, from_stage: str = "") -> Path:
     # 7. fine-tune: modular (clean base) and sequential (safety fused) by default
     ft = r.section("finetune")
     modes = tuple(ft.pop("modes", ("modular", "sequential")))
+    per_mode = ft.pop("per_mode", None) or {}  # checked by check_sections
     tasks = {m: out / f"task-{m}" for m in modes}
 
     def do_finetune():
         from .train.finetune import finetune
         for m, folder in tasks.items():
-            fcfg = from_dict(FinetuneConfig, {"model": r.model, "seed": r.seed, **ft, "mode": m, "data": str(task),
+            fcfg = from_dict(FinetuneConfig, {"model": r.model, "seed": r.seed, **ft, **per_mode.get(m, {}),
+                                              "mode": m, "data": str(task),
                                               "safety": str(safety), "output": str(folder), "resume": True,
                                               "overwrite": True}, source="finetune section")
             if r.item_done("finetune", folder):
