@@ -1,8 +1,9 @@
 """Build the mini world from scratch: VAE, judge, text encoder + UNet, then measure everything.
 
 ``build(out_dir)`` is what ``safealign world build`` runs; it is seeded (same seed, same machine -> same weights)
-and takes 30-50 minutes on 2 CPU cores, depending on the machine's speed (50.2 min for the shipped weights) (``quick=True``: about a minute, for tests). Training data is rendered on
-the fly (a render costs ~0.1 ms), so no stage ever sees the same image twice and nothing is cached on disk.
+and takes 30-50 minutes on 2 CPU cores depending on the machine's speed (50.2 min for the shipped weights;
+``quick=True``: about a minute, for tests). Training data is rendered on the fly (a render costs ~0.1 ms), so no
+stage ever sees the same image twice and nothing is cached on disk.
 
 Stages:
 1. VAE (AutoencoderKL 32x32x3 -> 8x8x4) on one thread: L1 + MSE reconstruction, a tiny KL; the latent scaling
@@ -187,8 +188,8 @@ def refine_decoder(vae, cfg: WorldConfig, data: "_Scenes | None" = None) -> None
     It runs after stage 1 on every thread, from its own seeded scene stream and noise generator, and the latent
     scaling factor is fixed before it: the encoder, its scale and so the text encoder and UNet trained on them are
     the same with or without it -- only how latents are painted back changes. (An earlier whole build with it
-    measured worse, but that build's UNet had also drawn other random numbers; the difference was the UNet's
-    seed, not the decoder.)
+    measured worse; there the latent scale was measured after stage 1b, on other scenes, so that build's UNet
+    learned from slightly different latents as well.)
     """
     data = data if data is not None else _Scenes(cfg.seed * 7 + 7)
     g = torch.Generator().manual_seed(cfg.seed * 7 + 8)
