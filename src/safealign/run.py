@@ -22,6 +22,8 @@ from .config import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_y
 from .errors import SafealignError
 from .utils import logger, sha256_text
 
+#: the fine-tunes a run makes when its finetune section names no ``modes``
+DEFAULT_FINETUNE_MODES = ("modular", "sequential")
 STAGES = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "evaluate_finetune", "audit")
 SECTIONS = ("prompts", "dataset", "experts", "merge", "evaluate", "task", "finetune", "audit")
 TOP = ("model", "output", "seed", "categories")
@@ -129,7 +131,7 @@ def check_sections(cfg: dict, source: str) -> None:
             raise SafealignError(f"{source}: section {name!r} has unknown option(s) {', '.join(bad)}")
     ft = cfg.get("finetune") or {}
     per_mode = ft.get("per_mode") or {}
-    modes = tuple(ft.get("modes", ("modular", "sequential")))
+    modes = tuple(ft.get("modes", DEFAULT_FINETUNE_MODES))
     known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"mode"}
     if not isinstance(per_mode, dict) or not all(m in modes and isinstance(o, dict) and set(o) <= known
                                                  for m, o in per_mode.items()):
@@ -251,7 +253,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
 
     # 7. fine-tune: modular (clean base) and sequential (safety fused) by default
     ft = r.section("finetune")
-    modes = tuple(ft.pop("modes", ("modular", "sequential")))
+    modes = tuple(ft.pop("modes", DEFAULT_FINETUNE_MODES))
     per_mode = ft.pop("per_mode", None) or {}  # checked by check_sections
     tasks = {m: out / f"task-{m}" for m in modes}
 

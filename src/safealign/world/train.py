@@ -174,7 +174,7 @@ def reconstruction(vae, x: torch.Tensor) -> dict[str, float]:
     return {"vae/reconstruction_mae": float((rec - x).abs().mean() / 2)}
 
 
-def refine_decoder(vae, cfg: WorldConfig, data: "_Scenes | None" = None) -> None:
+def refine_decoder(vae, cfg: WorldConfig) -> None:
     """Stage 1b: retrain the decoder alone with the object's pixels weighted ``1 + vae_object_weight``.
 
     Unweighted, the plain background dominates the loss and object colours drift (yellow came back orange: the
@@ -191,7 +191,7 @@ def refine_decoder(vae, cfg: WorldConfig, data: "_Scenes | None" = None) -> None
     measured worse; there the latent scale was measured after stage 1b, on other scenes, so that build's UNet
     learned from slightly different latents as well.)
     """
-    data = data if data is not None else _Scenes(cfg.seed * 7 + 7)
+    data = _Scenes(cfg.seed * 7 + 7)
     g = torch.Generator().manual_seed(cfg.seed * 7 + 8)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     vae.requires_grad_(False)
