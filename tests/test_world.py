@@ -175,6 +175,42 @@ def test_text_encoder_without_positions_reads_a_word_the_same_anywhere():
     assert not pos.requires_grad and not pos.any()  # fixed at zero: training cannot bring positions back
 
 
+def test_text_pretraining_teaches_the_encoder_to_name_the_scene():
+    """Stage 3a: a few dozen steps on prompts alone, and the states that have read the whole prompt name its object,
+    colour and background under held-out phrasings far above chance (1/46, 1/6, 1/4); the untrained encoder's
+    states change, the frozen zero positions do not."""
+    from safealign.world.model import make_text_encoder, make_tokenizer
+    from safealign.world.train import WorldConfig, pretrain_text, without_positions
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    te = make_text_encoder(tok)
+    without_positions(te)
+    before = te.get_input_embeddings().weight.detach().clone()
+    m = pretrain_text(WorldConfig(text_pretrain_steps=60, seed=1), tok, te)
+    assert m["text/held_out_object"] > 0.5 and m["text/held_out_colour"] > 0.8
+    assert m["text/held_out_background"] > 0.8
+    assert not torch.equal(before, te.get_input_embeddings().weight)
+    assert not getattr(te, "text_model", te).embeddings.position_embedding.weight.any()
+
+
+def test_latent_pool_serves_each_scene_once_per_epoch_as_the_vae_encodes_it():
+    from safealign.world import model as M
+    from safealign.world import train as T
+    torch.manual_seed(0)
+    vae = M.make_vae().eval()
+    pool = T._LatentPool(vae, 40, seed=9, chunk=16)
+    seen = []
+    for _ in range(5):  # 5 batches of 8 = one epoch of 40
+        lat, scenes = pool.batch(8)
+        seen += [pool.scenes.index(s) for s in scenes]
+        x = T._to_pixels(render_batch(scenes))
+        with torch.no_grad():
+            torch.testing.assert_close(lat, vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    assert sorted(seen) == list(range(40))
+    nxt = [pool.scenes.index(s) for s in pool.batch(40)[1]]
+    assert sorted(nxt) == list(range(40)) and nxt != seen  # the next epoch, in another order
+
+
 # -- shipped weights --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shipped():
@@ -393,6 +429,33 @@ def test_judge_trained_alongside_the_vae_changes_neither():
         torch.set_num_threads(prev)
     assert all(torch.equal(a, b) for a, b in zip(judge_a.net.state_dict().values(),
                                                  judge_c.net.state_dict().values()))
+
+
+def test_text_stage_beside_the_vae_changes_neither():
+    """Stage 3a on the core the VAE leaves idle (after the judge's first round) gives the VAE of a build without it,
+    and the text encoder stage 3 makes for itself when the VAE and judge are reused: both run on one thread."""
+    from safealign.world import model as M
+    from safealign.world import train as T
+    cfg = dataclasses.replace(T.WorldConfig.quick_config(seed=5), vae_steps=6, vae_decoder_steps=0, vae_batch=8,
+                              judge_steps=4, judge_roundtrip_steps=2, judge_batch=16, text_pretrain_steps=8,
+                              threads=2, vae_threads=1)
+    tok = M.make_tokenizer()
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        te = T.make_text_encoder(cfg, tok)
+        got = {}
+        vae_a, _, _, t = T._vae_and_judge(cfg, also=lambda pos: got.update(
+            T.pretrain_text_one_thread(cfg, tok, te, pos)))
+        vae_b, _, _, _ = T._vae_and_judge(cfg)
+        te_alone = T.make_text_encoder(cfg, tok)
+        got_alone = T.pretrain_text_one_thread(cfg, tok, te_alone)
+    finally:
+        torch.set_num_threads(prev)
+    assert "text_pretrain" in t and got == got_alone and "text/held_out_object" in got
+    assert all(torch.equal(a, b) for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), te_alone.state_dict().values()))
+    assert not torch.equal(te.get_input_embeddings().weight, T.make_text_encoder(cfg, tok).get_input_embeddings().weight)
 
 
 def test_decoder_stage_repaints_latents_without_moving_them():

@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +69,12 @@ class WorldConfig:
                                             "(at half the learning rate)")
     judge_batch: int = field(64, "judge batch size")
     judge_lr: float = field(2e-3, "judge peak learning rate")
-    unet_steps: int = field(6400, "UNet + text encoder optimisation steps")
+    text_pretrain_steps: int = field(300, "stage 3a: steps teaching the text encoder to name a prompt's object, colour, "
+                                        "background and position before the UNet trains on it (0 = off)")
+    text_pretrain_lr: float = field(2e-3, "stage 3a peak learning rate")
+    unet_pool: int = field(32000, "stage 3: render and encode this many scenes once and draw the UNet's batches from "
+                              "them (each with a fresh prompt and noise); 0 = render and encode every batch")
+    unet_steps: int = field(3200, "UNet + text encoder optimisation steps")
     unet_batch: int = field(32, "UNet batch size")
     unet_lr: float = field(1.2e-3, "UNet + text encoder peak learning rate")
     ema_decay: float = field(0.999, "decay of the weight EMA that ships (0 = ship the last weights)")
@@ -102,7 +108,7 @@ class WorldConfig:
     def quick_config(cls, seed: int = 0) -> "WorldConfig":
         return cls(seed=seed, quick=True, vae_steps=30, vae_decoder_steps=10, vae_batch=16, judge_steps=20,
                    judge_roundtrip_steps=10,
-                   judge_batch=32, unet_steps=30, unet_batch=16, sample_steps=4, eval_per_concept=1, eval_benign=8)
+                   judge_batch=32, text_pretrain_steps=10, unet_pool=64, unet_steps=30, unet_batch=16, sample_steps=4, eval_per_concept=1, eval_benign=8)
 
 
 def _to_pixels(arr: np.ndarray) -> torch.Tensor:
@@ -344,19 +350,148 @@ class _EMA:
             p.copy_(s)
 
 
-def train_unet(cfg: WorldConfig, vae, tokenizer):
+_POSITION_LABELS = tuple(POSITIONS) + ("unnamed",)
+
+
+def _prompt_labels(prompts: list[str]) -> torch.Tensor:
+    """(N, 4) class indices of the object, colour, background and position (or "unnamed") each prompt names."""
+    from .scene import parse_prompt
+    rows = []
+    for p in prompts:
+        a = parse_prompt(p)
+        rows.append([OBJECTS.index(a["object"]), list(COLOURS).index(a["colour"]),
+                     list(BACKGROUNDS).index(a["background"]), _POSITION_LABELS.index(a["position"] or "unnamed")])
+    return torch.tensor(rows)
+
+
+def _summary_states(text_encoder, ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder states of the end token and every pad after it (under the causal mask, the only states that
+    have read the whole prompt) as (M, H), with the row index each came from."""
+    states = text_encoder(ids)[0]
+    eos_pos = (ids == eos_id).int().argmax(dim=1)
+    keep = torch.arange(ids.shape[1]).unsqueeze(0) >= eos_pos.unsqueeze(1)
+    return states[keep], keep.nonzero()[:, 0]
+
+
+def pretrain_text(cfg: WorldConfig, tokenizer, text_encoder, bar_position: int | None = None) -> dict[str, float]:
+    """Stage 3a: teach the text encoder to read a scene before the UNet learns to draw from it.
+
+    Linear heads on the states that have read the whole prompt (the end token and the pads after it) learn to
+    name its object, colour, background and position; the heads are thrown away. Text alone, no images: a
+    fraction of a UNet step each. Returns the heads' accuracy on held-out phrasings (unseen words read as the
+    unknown token, as in the shipped model).
+    """
+    import copy
+
+    hidden = text_encoder.config.hidden_size
+    gen = torch.Generator().manual_seed(cfg.seed * 7 + 11)
+    # plain tensors from our own generator: nn.Linear would initialise from torch's global one, which the VAE
+    # stage draws from on the other thread when this runs beside it
+    sizes = (len(OBJECTS), len(COLOURS), len(BACKGROUNDS), len(_POSITION_LABELS))
+    heads = [((torch.randn(n, hidden, generator=gen) * hidden ** -0.5).requires_grad_(),
+              torch.zeros(n, requires_grad=True)) for n in sizes]
+    params = [p for p in text_encoder.parameters() if p.requires_grad] + [t for h in heads for t in h]
+    opt = torch.optim.AdamW(params, lr=cfg.text_pretrain_lr, weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _cosine(s, cfg.text_pretrain_steps, min(50, cfg.text_pretrain_steps)))
+    rng = random.Random(cfg.seed * 7 + 12)
+    eos = tokenizer.eos_token_id
+    n = tokenizer.model_max_length
+
+    def batch(k: int, held_out: bool = False):
+        prompts = [scene_prompt(sample_scene(rng, jitter=False), rng, held_out) for _ in range(k)]
+        ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        return ids, _prompt_labels(prompts)
+
+    def loss_acc(enc, ids, labels):
+        states, rows = _summary_states(enc, ids, eos)
+        logits = [F.linear(states, w, b) for w, b in heads]
+        loss = sum(F.cross_entropy(lg, labels[rows, i]) for i, lg in enumerate(logits))
+        acc = [(lg.argmax(1) == labels[rows, i]).float().mean().item() for i, lg in enumerate(logits)]
+        return loss, acc
+
+    text_encoder.train()
+    bar = progress(range(cfg.text_pretrain_steps), desc="text",
+                   **({"position": bar_position} if bar_position is not None else {}))
+    for step in bar:
+        loss, acc = loss_acc(text_encoder, *batch(128))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", obj=f"{acc[0]:.2f}")
+    probe = copy.deepcopy(text_encoder).eval()
+    unseen_to_unknown(probe, tokenizer)
+    with torch.no_grad():
+        _, acc = loss_acc(probe, *batch(512, held_out=True))
+    return {f"text/held_out_{name}": a for name, a in zip(("object", "colour", "background", "position"), acc)}
+
+
+class _LatentPool:
+    """``size`` training scenes rendered and encoded once (scaled latents); batches are drawn epoch by epoch in a
+    seeded order, so each latent is seen ``steps * batch / size`` times, each time with a fresh prompt and noise."""
+
+    def __init__(self, vae, size: int, seed: int, chunk: int = 256):
+        data = _Scenes(seed)
+        self.scenes: list[Scene] = []
+        lats = []
+        for start in progress(range(0, size, chunk), desc="latents"):
+            x, scenes = data.batch(min(chunk, size - start))
+            with torch.no_grad():
+                lats.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+            self.scenes += scenes
+        self.latents = torch.cat(lats)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[Scene]]:
+        while len(self.order) < n:
+            self.order = torch.cat([self.order, torch.randperm(len(self.scenes), generator=self.gen)])
+        idx, self.order = self.order[:n], self.order[n:]
+        return self.latents[idx], [self.scenes[i] for i in idx.tolist()]
+
+
+def make_text_encoder(cfg: WorldConfig, tokenizer):
+    """The text encoder stage 3 starts from, freshly initialised (draws from torch's global generator, seeded)."""
     torch.manual_seed(cfg.seed + 2)
     text_encoder = M.make_text_encoder(tokenizer)
     if not cfg.text_positions:
         without_positions(text_encoder)
+    return text_encoder
+
+
+def pretrain_text_one_thread(cfg: WorldConfig, tokenizer, text_encoder,
+                             bar_position: int | None = None) -> dict[str, float]:
+    """Stage 3a on one thread, wherever it runs (beside the VAE in a whole build, before the UNet when the VAE and
+    judge are reused): the thread count changes float sums, and both paths must give the same encoder."""
+    if not cfg.text_pretrain_steps:
+        return {}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # per OS thread
+    try:
+        return pretrain_text(cfg, tokenizer, text_encoder, bar_position)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics: dict | None = None):
+    """Stage 3. ``text_encoder``: one stage 3a already trained (:func:`make_text_encoder` +
+    :func:`pretrain_text_one_thread`); by default both run here."""
+    if text_encoder is None:
+        text_encoder = make_text_encoder(cfg, tokenizer)
+        text_metrics = pretrain_text_one_thread(cfg, tokenizer, text_encoder)
+    text_metrics = text_metrics or {}
     torch.manual_seed(cfg.seed + 3)
     unet = M.make_unet()
     sched = M.make_train_scheduler()
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, min(150, cfg.unet_steps)))
+    pool = _LatentPool(vae, cfg.unet_pool, cfg.seed * 7 + 13) if cfg.unet_pool else None
     data = _Scenes(cfg.seed * 7 + 3)
     prng = random.Random(cfg.seed * 7 + 4)
     tokens = _Prompts(tokenizer, cfg, random.Random(cfg.seed * 7 + 6))
@@ -368,10 +503,13 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
     bar = progress(range(cfg.unet_steps), desc="unet")
     ema_loss = None
     for step in bar:
-        x, scenes = data.batch(cfg.unet_batch)
+        if pool is not None:
+            lat, scenes = pool.batch(cfg.unet_batch)
+        else:
+            x, scenes = data.batch(cfg.unet_batch)
+            with torch.no_grad():
+                lat = vae.encode(x).latent_dist.mean * scale
         prompts = ["" if prng.random() < cfg.cond_dropout else scene_prompt(s, prng) for s in scenes]
-        with torch.no_grad():
-            lat = vae.encode(x).latent_dist.mean * scale
         ids = tokens(prompts)
         cond = text_encoder(ids)[0]
         noise = torch.randn(lat.shape, generator=g)
@@ -403,7 +541,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer):
                 n_unseen)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    return text_encoder, unet, {"unet/final_loss": ema_loss, "text/unseen_as_unknown": n_unseen}
+    return text_encoder, unet, {"unet/final_loss": ema_loss, "text/unseen_as_unknown": n_unseen, **text_metrics}
 
 
 # -- the whole build --------------------------------------------------------------------------------------------
@@ -467,9 +605,11 @@ class _Cancelled(Exception):
     pass
 
 
-def _vae_and_judge(cfg: WorldConfig):
+def _vae_and_judge(cfg: WorldConfig, also: Callable[[int | None], None] | None = None):
     """Stages 1-2: the VAE, and the judge's first round (renders alone, one thread) alongside it on a worker thread
-    when the VAE leaves a core free; then the judge's round with the VAE's round trip on every thread.
+    when the VAE leaves a core free; then the judge's round with the VAE's round trip on every thread. ``also``
+    (one thread, needs no VAE, must not draw from torch's global generator: stage 3a) runs on the worker after the
+    judge's first round, or after it in turn when nothing runs alongside; it gets its progress bar's line.
 
     The judge's first round needs no VAE, and the one-thread VAE stage (381 s) leaves the second core idle: run
     there, the judge stage adds only its short second round to the build. Its numbers do not depend on whether it
@@ -500,11 +640,16 @@ def _vae_and_judge(cfg: WorldConfig):
             timings["judge_renders_alongside_vae"] = time.perf_counter() - t0
         finally:
             torch.set_num_threads(prev)
+        if also is not None:
+            t0 = time.perf_counter()
+            also(bar_position)
+            timings["text_pretrain"] = time.perf_counter() - t0
 
     vae_threads = cfg.vae_threads or cfg.threads
     alongside = vae_threads < cfg.threads
     logger.info("world build: stage 1/4 VAE (%d steps)%s", cfg.vae_steps,
-                f", judge round 1 ({cfg.judge_steps} steps) alongside" if alongside else "")
+                f", judge round 1 ({cfg.judge_steps} steps){' and stage 3a, text' if also else ''} alongside"
+                if alongside else "")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="world-judge") as pool:
         pending = pool.submit(first_round, 1) if alongside else None
@@ -563,6 +708,8 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
     try:
         with atomic_dir(out, overwrite=True) as tmp:
             reused = None
+            tokenizer = M.make_tokenizer()
+            text_encoder, text_metrics = None, None
             if reuse_vae_judge is not None:
                 vae, judge, src = _load_vae_judge(Path(reuse_vae_judge))
                 metrics.update({k: v for k, v in src.get("metrics", {}).items() if k.startswith("vae/")})
@@ -572,14 +719,19 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
                           "config": maker.get("config"), "timings_s": maker.get("timings_s")}
                 logger.info("world build: VAE and judge reused from %s", reuse_vae_judge)
             else:
-                vae, judge, mv, tv = _vae_and_judge(cfg)
+                # stage 3a needs no VAE: made here (its init draws from torch's global generator, which the VAE
+                # stage on the main thread draws from too) and trained beside the VAE, after the judge's round
+                text_encoder, text_metrics = make_text_encoder(cfg, tokenizer), {}
+
+                def stage_3a(bar_position: int | None) -> None:
+                    text_metrics.update(pretrain_text_one_thread(cfg, tokenizer, text_encoder, bar_position))
+                vae, judge, mv, tv = _vae_and_judge(cfg, also=stage_3a if cfg.text_pretrain_steps else None)
                 metrics.update(mv)
                 timings.update(tv)
 
             t0 = time.perf_counter()
             logger.info("world build: stage 3/4 text encoder + UNet (%d steps)", cfg.unet_steps)
-            tokenizer = M.make_tokenizer()
-            text_encoder, unet, mu = train_unet(cfg, vae, tokenizer)
+            text_encoder, unet, mu = train_unet(cfg, vae, tokenizer, text_encoder, text_metrics)
             metrics.update(mu)
             timings["unet"] = time.perf_counter() - t0
 
