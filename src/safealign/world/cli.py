@@ -146,6 +146,9 @@ def _print_summary(m: dict, where) -> None:
     if "text/unseen_as_unknown" in met:
         print(f"  unseen words: {met['text/unseen_as_unknown']:.0f} tokens training never saw read as the unknown "
               "token")
+    if "text/held_out_object" in met:
+        print("  text stage : names the held-out prompt's " + ", ".join(
+            f"{a} {pct('text/held_out_' + a)}" for a in ("object", "colour", "background", "position")))
     if m.get("unseen_as_unknown"):
         u = m["unseen_as_unknown"]
         before = u.get("before", {}).get("model/unsafe/hazard_rate")

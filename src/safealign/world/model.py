@@ -25,7 +25,7 @@ SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
                     prediction_type="epsilon", steps_offset=1)
 #: sampling defaults (overridden by what a built pipeline records in its safealign.json)
 DEFAULT_STEPS = 12
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 3.0
 
 
 def make_tokenizer(words: Sequence[str] | None = None):

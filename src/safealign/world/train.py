@@ -1,9 +1,9 @@
 """Build the mini world from scratch: VAE, judge, text encoder + UNet, then measure everything.
 
 ``build(out_dir)`` is what ``safealign world build`` runs; it is seeded (same seed, same machine -> same weights)
-and takes 30-50 minutes on 2 CPU cores depending on the machine's speed (50.2 min for the shipped weights;
-``quick=True``: about a minute, for tests). Training data is rendered on the fly (a render costs ~0.1 ms), so no
-stage ever sees the same image twice and nothing is cached on disk.
+and takes about 25-30 minutes on 2 CPU cores, depending on the machine's speed (``quick=True``: about a minute,
+for tests). Training images are rendered on the fly (a render costs ~0.1 ms) and nothing is cached on disk; the
+UNet draws its batches from a pool of scenes rendered and encoded once (:class:`_LatentPool`).
 
 Stages:
 1. VAE (AutoencoderKL 32x32x3 -> 8x8x4) on one thread: L1 + MSE reconstruction, a tiny KL; the latent scaling
@@ -11,10 +11,12 @@ Stages:
    the object's pixels weighted, so colours come back as drawn (:func:`refine_decoder`).
 2. Judge: renders + degradations on one thread, alongside stage 1 (which leaves a core idle); then a short round
    with half of each batch round-tripped through the VAE as it ships (fp16 weights, :func:`as_shipped`).
-3. Text encoder + UNet (on the VAE as it ships), jointly from scratch, DDPM epsilon loss with min-SNR weighting;
-   training phrasings only, the prompt dropped (empty string) 10% of the time so classifier-free guidance works;
-   at the end every token training prompts never contain is given the unknown token's embedding
-   (:func:`unseen_to_unknown`).
+3a. Text encoder alone, on that same idle core after the judge's first round: linear heads on its states learn to
+   name the prompt's object, colour, background and position (:func:`pretrain_text`), so the UNet starts from an
+   encoder that already reads scenes.
+3. Text encoder + UNet (on the VAE as it ships), jointly, DDPM epsilon loss with min-SNR weighting; training
+   phrasings only, the prompt dropped (empty string) 10% of the time so classifier-free guidance works; at the end
+   every token training prompts never contain is given the unknown token's embedding (:func:`unseen_to_unknown`).
 4. Quality: judge accuracy on held-out renders; hazard rates and attribute accuracy of the model on held-out
    phrasings at the default sampling settings; judge vs nearest-render agreement on generated images.
 """
@@ -77,6 +79,9 @@ class WorldConfig:
     unet_steps: int = field(3200, "UNet + text encoder optimisation steps")
     unet_batch: int = field(32, "UNet batch size")
     unet_lr: float = field(1.2e-3, "UNet + text encoder peak learning rate")
+    unet_object_weight: float = field(4.0, "stage 3: extra weight of the latent pixels the object covers in the UNet "
+                                           "loss (the plain background is easy; the object's shape and colour are "
+                                           "what the model is measured on)")
     ema_decay: float = field(0.999, "decay of the weight EMA that ships (0 = ship the last weights)")
     cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
     min_snr_gamma: float = field(5.0, "min-SNR loss weighting (0 = off)")
@@ -443,14 +448,21 @@ class _LatentPool:
                 lats.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
             self.scenes += scenes
         self.latents = torch.cat(lats)
+        self.masks = _latent_masks(self.scenes, self.latents.shape[-1])
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.order = torch.empty(0, dtype=torch.long)
 
-    def batch(self, n: int) -> tuple[torch.Tensor, list[Scene]]:
+    def batch(self, n: int) -> tuple[torch.Tensor, list[Scene], torch.Tensor]:
+        """(latents, scenes, the objects' (N, 1, h, w) coverage at latent resolution)."""
         while len(self.order) < n:
             self.order = torch.cat([self.order, torch.randperm(len(self.scenes), generator=self.gen)])
         idx, self.order = self.order[:n], self.order[n:]
-        return self.latents[idx], [self.scenes[i] for i in idx.tolist()]
+        return self.latents[idx], [self.scenes[i] for i in idx.tolist()], self.masks[idx]
+
+
+def _latent_masks(scenes: list[Scene], size: int) -> torch.Tensor:
+    """(N, 1, size, size) object coverage of each scene at latent resolution."""
+    return torch.from_numpy(np.stack([object_mask(s, size) for s in scenes])).unsqueeze(1)
 
 
 def make_text_encoder(cfg: WorldConfig, tokenizer):
@@ -504,11 +516,12 @@ def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics
     ema_loss = None
     for step in bar:
         if pool is not None:
-            lat, scenes = pool.batch(cfg.unet_batch)
+            lat, scenes, mask = pool.batch(cfg.unet_batch)
         else:
             x, scenes = data.batch(cfg.unet_batch)
             with torch.no_grad():
                 lat = vae.encode(x).latent_dist.mean * scale
+            mask = _latent_masks(scenes, lat.shape[-1])
         prompts = ["" if prng.random() < cfg.cond_dropout else scene_prompt(s, prng) for s in scenes]
         ids = tokens(prompts)
         cond = text_encoder(ids)[0]
@@ -516,7 +529,8 @@ def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics
         t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),), generator=g)
         noisy = sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        err = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        w = 1.0 + cfg.unet_object_weight * mask  # a weighted mean: the loss keeps its scale
+        err = ((pred - noise).pow(2) * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:
             s = snr[t]
             err = err * torch.clamp(s, max=cfg.min_snr_gamma) / s
