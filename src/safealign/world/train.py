@@ -461,8 +461,10 @@ class _LatentPool:
 
 
 def _latent_masks(scenes: list[Scene], size: int) -> torch.Tensor:
-    """(N, 1, size, size) object coverage of each scene at latent resolution."""
-    return torch.from_numpy(np.stack([object_mask(s, size) for s in scenes])).unsqueeze(1)
+    """(N, 1, size, size) object coverage of each scene at latent resolution (the image's, averaged: rendered
+    small, thin parts would come out too thick)."""
+    full = torch.from_numpy(np.stack([object_mask(s) for s in scenes])).unsqueeze(1)
+    return F.avg_pool2d(full, full.shape[-1] // size)
 
 
 def make_text_encoder(cfg: WorldConfig, tokenizer):
