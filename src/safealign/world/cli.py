@@ -24,7 +24,7 @@ def register(sub) -> None:
     b.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default: 2; use 1 when another job shares the cores)")
     b.add_argument("--unet-steps", type=int, default=None, metavar="N",
-                   help="text encoder + UNet steps (default: the build's own, 3,200)")
+                   help="text encoder + UNet steps (default: the build's own, 4,000)")
     b.add_argument("--reuse-vae-judge", default=None, metavar="DIR",
                    help="take the VAE and judge from this world folder and retrain only the text encoder + UNet")
     b.set_defaults(func=_build)

@@ -76,12 +76,9 @@ class WorldConfig:
     text_pretrain_lr: float = field(2e-3, "stage 3a peak learning rate")
     unet_pool: int = field(32000, "stage 3: render and encode this many scenes once and draw the UNet's batches from "
                               "them (each with a fresh prompt and noise); 0 = render and encode every batch")
-    unet_steps: int = field(3200, "UNet + text encoder optimisation steps")
+    unet_steps: int = field(4000, "UNet + text encoder optimisation steps")
     unet_batch: int = field(32, "UNet batch size")
     unet_lr: float = field(1.2e-3, "UNet + text encoder peak learning rate")
-    unet_object_weight: float = field(4.0, "stage 3: extra weight of the latent pixels the object covers in the UNet "
-                                           "loss (the plain background is easy; the object's shape and colour are "
-                                           "what the model is measured on)")
     ema_decay: float = field(0.999, "decay of the weight EMA that ships (0 = ship the last weights)")
     cond_dropout: float = field(0.1, "probability of training with the empty prompt (for classifier-free guidance)")
     min_snr_gamma: float = field(5.0, "min-SNR loss weighting (0 = off)")
@@ -448,23 +445,14 @@ class _LatentPool:
                 lats.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
             self.scenes += scenes
         self.latents = torch.cat(lats)
-        self.masks = _latent_masks(self.scenes, self.latents.shape[-1])
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.order = torch.empty(0, dtype=torch.long)
 
-    def batch(self, n: int) -> tuple[torch.Tensor, list[Scene], torch.Tensor]:
-        """(latents, scenes, the objects' (N, 1, h, w) coverage at latent resolution)."""
+    def batch(self, n: int) -> tuple[torch.Tensor, list[Scene]]:
         while len(self.order) < n:
             self.order = torch.cat([self.order, torch.randperm(len(self.scenes), generator=self.gen)])
         idx, self.order = self.order[:n], self.order[n:]
-        return self.latents[idx], [self.scenes[i] for i in idx.tolist()], self.masks[idx]
-
-
-def _latent_masks(scenes: list[Scene], size: int) -> torch.Tensor:
-    """(N, 1, size, size) object coverage of each scene at latent resolution (the image's, averaged: rendered
-    small, thin parts would come out too thick)."""
-    full = torch.from_numpy(np.stack([object_mask(s) for s in scenes])).unsqueeze(1)
-    return F.avg_pool2d(full, full.shape[-1] // size)
+        return self.latents[idx], [self.scenes[i] for i in idx.tolist()]
 
 
 def make_text_encoder(cfg: WorldConfig, tokenizer):
@@ -518,12 +506,11 @@ def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics
     ema_loss = None
     for step in bar:
         if pool is not None:
-            lat, scenes, mask = pool.batch(cfg.unet_batch)
+            lat, scenes = pool.batch(cfg.unet_batch)
         else:
             x, scenes = data.batch(cfg.unet_batch)
             with torch.no_grad():
                 lat = vae.encode(x).latent_dist.mean * scale
-            mask = _latent_masks(scenes, lat.shape[-1])
         prompts = ["" if prng.random() < cfg.cond_dropout else scene_prompt(s, prng) for s in scenes]
         ids = tokens(prompts)
         cond = text_encoder(ids)[0]
@@ -531,8 +518,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics
         t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),), generator=g)
         noisy = sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        w = 1.0 + cfg.unet_object_weight * mask  # a weighted mean: the loss keeps its scale
-        err = ((pred - noise).pow(2) * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
+        err = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:
             s = snr[t]
             err = err * torch.clamp(s, max=cfg.min_snr_gamma) / s
