@@ -381,7 +381,8 @@ def pretrain_text(cfg: WorldConfig, tokenizer, text_encoder, bar_position: int |
     Linear heads on the states that have read the whole prompt (the end token and the pads after it) learn to
     name its object, colour, background and position; the heads are thrown away. Text alone, no images: a
     fraction of a UNet step each. Returns the heads' accuracy on held-out phrasings (unseen words read as the
-    unknown token, as in the shipped model).
+    unknown token, as in the shipped model). With it (300 steps) 4,000 UNet steps drew the named hazard in 100% of
+    held-out unsafe prompts, 1.6% of safe twins, colour 96.2%; without, 6,400 steps gave 97.6%, 2.4%, 94.7%.
     """
     import copy
 
