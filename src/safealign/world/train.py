@@ -128,6 +128,15 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _optimise(loss: torch.Tensor, opt, lr_sched, params) -> None:
+    """One optimisation step of every training loop here: backward, clip the gradient norm at 1, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    lr_sched.step()
+
+
 class _Scenes:
     """Random training scenes (rendered on the fly) from one seeded stream."""
 
@@ -159,11 +168,7 @@ def train_vae(cfg: WorldConfig):
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimise(loss, opt, sched, vae.parameters())
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -216,11 +221,7 @@ def refine_decoder(vae, cfg: WorldConfig) -> None:
         rec = vae.decode(z).sample
         w = _object_weights(scenes, cfg.vae_object_weight)
         loss = (((rec - x).abs() + (rec - x).pow(2)) * w).sum() / (w.sum() * x.shape[1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimise(loss, opt, sched, params)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -418,11 +419,7 @@ def pretrain_text(cfg: WorldConfig, tokenizer, text_encoder, bar_position: int |
                    **({"position": bar_position} if bar_position is not None else {}))
     for step in bar:
         loss, acc = loss_acc(text_encoder, *batch(128))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
+        _optimise(loss, opt, lr_sched, params)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", obj=f"{acc[0]:.2f}")
     probe = copy.deepcopy(text_encoder).eval()
@@ -527,11 +524,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics
         if not torch.isfinite(loss):
             from ..errors import TrainingDiverged
             raise TrainingDiverged(f"world UNet loss became {loss.item()} at step {step}; lower --unet-lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
+        _optimise(loss, opt, lr_sched, params)
         if ema is not None:
             ema.update()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
