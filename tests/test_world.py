@@ -454,7 +454,8 @@ def test_text_stage_beside_the_vae_changes_neither():
     assert "text_pretrain" in t and got == got_alone and "text/held_out_object" in got
     assert all(torch.equal(a, b) for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), te_alone.state_dict().values()))
-    assert not torch.equal(te.get_input_embeddings().weight, T.make_text_encoder(cfg, tok).get_input_embeddings().weight)
+    fresh = T.make_text_encoder(cfg, tok)
+    assert not torch.equal(te.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
 
 
 def test_decoder_stage_repaints_latents_without_moving_them():

@@ -45,7 +45,7 @@ from ..errors import SafealignError
 from ..utils import progress
 from . import model as M
 from .render import object_mask, render_batch
-from .scene import BACKGROUNDS, COLOURS, OBJECTS, POSITIONS, Scene, sample_scene, scene_prompt
+from .scene import BACKGROUNDS, COLOURS, OBJECTS, POSITIONS, Scene, parse_prompt, sample_scene, scene_prompt
 
 logger = logging.getLogger("safealign")
 
@@ -71,8 +71,8 @@ class WorldConfig:
                                             "(at half the learning rate)")
     judge_batch: int = field(64, "judge batch size")
     judge_lr: float = field(2e-3, "judge peak learning rate")
-    text_pretrain_steps: int = field(300, "stage 3a: steps teaching the text encoder to name a prompt's object, colour, "
-                                        "background and position before the UNet trains on it (0 = off)")
+    text_pretrain_steps: int = field(300, "stage 3a: steps teaching the text encoder to name a prompt's object, "
+                                          "colour, background and position before the UNet trains on it (0 = off)")
     text_pretrain_lr: float = field(2e-3, "stage 3a peak learning rate")
     unet_pool: int = field(32000, "stage 3: render and encode this many scenes once and draw the UNet's batches from "
                               "them (each with a fresh prompt and noise); 0 = render and encode every batch")
@@ -110,7 +110,8 @@ class WorldConfig:
     def quick_config(cls, seed: int = 0) -> "WorldConfig":
         return cls(seed=seed, quick=True, vae_steps=30, vae_decoder_steps=10, vae_batch=16, judge_steps=20,
                    judge_roundtrip_steps=10,
-                   judge_batch=32, text_pretrain_steps=10, unet_pool=64, unet_steps=30, unet_batch=16, sample_steps=4, eval_per_concept=1, eval_benign=8)
+                   judge_batch=32, text_pretrain_steps=10, unet_pool=64, unet_steps=30, unet_batch=16,
+                   sample_steps=4, eval_per_concept=1, eval_benign=8)
 
 
 def _to_pixels(arr: np.ndarray) -> torch.Tensor:
@@ -358,7 +359,6 @@ _POSITION_LABELS = tuple(POSITIONS) + ("unnamed",)
 
 def _prompt_labels(prompts: list[str]) -> torch.Tensor:
     """(N, 4) class indices of the object, colour, background and position (or "unnamed") each prompt names."""
-    from .scene import parse_prompt
     rows = []
     for p in prompts:
         a = parse_prompt(p)
