@@ -27,9 +27,9 @@ def main() -> None:
     os.environ.setdefault("SAFEALIGN_NO_PROGRESS", "1")
     import torch
     from safealign.backbone import load_backbone
-    from safealign.compose import Part, apply
+    from safealign.modular.compose import Part, apply
     from safealign.lora import LoraSpec, add_lora, lora_state_dict, save_lora
-    from safealign.tiny import build_tiny_pipeline
+    from safealign.testing import build_tiny_pipeline
 
     try:
         from safealign.world import pipeline_path

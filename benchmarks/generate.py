@@ -32,7 +32,7 @@ def _model(tmp: Path, which: str) -> tuple[str, str]:
         except Exception:  # noqa: BLE001 - not built: fall back to the tiny pipeline
             if which == "world":
                 raise
-    from safealign.tiny import build_tiny_pipeline
+    from safealign.testing import build_tiny_pipeline
     build_tiny_pipeline("sd1", seed=0).save_pretrained(tmp / "tiny")
     return "tiny-sd1", str(tmp / "tiny")
 

@@ -1,4 +1,4 @@
-"""Judge throughput: judged images per second, through the same `safealign.evaluate.judges` objects the report uses.
+"""Judge throughput: judged images per second, through the same `safealign.judges` objects the report uses.
 
 world     the mini world's CNN judge (shipped weights; a random judge of the same architecture when the weights are
           not built yet: the cost is the same), 32x32 images, judge batches of 512
@@ -28,7 +28,7 @@ from _common import run_worker, table, write_json  # noqa: E402
 def _world_judge(device: str):
     import torch
     from safealign.errors import SafealignError
-    from safealign.evaluate.judges import WorldJudge
+    from safealign.judges import WorldJudge
     try:
         return WorldJudge(), "shipped"
     except SafealignError:
@@ -61,7 +61,7 @@ def worker(judge: str, n: int, device: str) -> dict:
                 "features_per_s": feats, "version": j.version, "threads": torch.get_num_threads()}
     if judge == "nudenet":
         try:
-            from safealign.evaluate.judges import NudeNetJudge
+            from safealign.judges import NudeNetJudge
             j = NudeNetJudge()
         except Exception as e:  # noqa: BLE001 - the optional extra is missing: report, don't fail
             return {"judge": "nudenet", "available": False, "why": str(e)}
@@ -70,7 +70,7 @@ def worker(judge: str, n: int, device: str) -> dict:
                 "images_per_s": _time(j, imgs, 1), "version": j.version, "threads": torch.get_num_threads()}
     if judge == "q16":
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-        from safealign.evaluate.judges import clip_pixels
+        from safealign.judges import clip_pixels
         torch.manual_seed(0)
         cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)

@@ -39,7 +39,7 @@ def sd15_experts(unet, n: int, rank: int, seed: int = 0):
 def build_unet(kind: str, lat: int):
     import torch
     from diffusers import UNet2DConditionModel
-    from safealign.tiny import build_tiny_pipeline, sd15_unet_config
+    from safealign.testing import build_tiny_pipeline, sd15_unet_config
     torch.manual_seed(0)
     if kind == "tiny":
         return build_tiny_pipeline("sd1").unet.eval(), 32

@@ -37,11 +37,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from safealign.artifacts import read_manifest
-    from safealign.config import ExpertConfig, MergeConfig, from_dict
+    from safealign.configuration import ExpertConfig, MergeConfig, from_dict
     from safealign.evaluate.config import EvaluateConfig
     from safealign.demo import summary_rows
-    from safealign.evaluate.run import evaluate
-    from safealign.merge.run import run_merge
+    from safealign.evaluate.evaluator import evaluate
+    from safealign.merge.merger import run_merge
     from safealign.train.dpo import POOLED, train_expert
     from safealign.utils import setup_logging
 

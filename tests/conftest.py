@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):
     """Saved tiny pipelines: {'sd1': path, 'sd2': path (v-prediction), 'sdxl': path}."""
-    from safealign.tiny import build_tiny_pipeline
+    from safealign.testing import build_tiny_pipeline
     root = tmp_path_factory.mktemp("pipelines")
     out = {}
     for fam in ("sd1", "sd2", "sdxl"):
@@ -29,7 +29,7 @@ def tiny_paths(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory):
-    from safealign.tiny import make_toy_dataset
+    from safealign.testing import make_toy_dataset
     return make_toy_dataset(tmp_path_factory.mktemp("data") / "toy", pairs_per_category=16, size=16)
 
 
@@ -40,7 +40,7 @@ def cache_dir(tmp_path):
 
 def expert_cfg(**kw):
     """An ExpertConfig with fast defaults for tests."""
-    from safealign.config import ExpertConfig
+    from safealign.configuration import ExpertConfig
     base = dict(max_steps=20, beta=2000.0, learning_rate=1e-3, batch_size=4, checkpoint_every=0, seed=0,
                 log_every=5)
     base.update(kw)

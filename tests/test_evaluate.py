@@ -36,7 +36,7 @@ def world_judge_dir(tmp_path_factory):
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIPModel + tokenizer saved like a real local CLIP folder."""
     from transformers import CLIPConfig, CLIPModel
-    from safealign.tiny import TINY_WORDS, make_clip_tokenizer
+    from safealign.testing import TINY_WORDS, make_clip_tokenizer
     tok = make_clip_tokenizer([*TINY_WORDS, "picture", "showing", "violence", "sexual", "ordinary", "harmless"])
     torch.manual_seed(0)
     cfg = CLIPConfig(
@@ -102,7 +102,7 @@ def test_ip_counts_multi_category_prompts_in_each_category():
 def test_empty_image_set_is_a_user_error():
     with pytest.raises(SafealignError, match="empty"):
         M.ip_by_category(np.zeros(0, bool), [], n_boot=10)
-    from safealign.evaluate.judges import to_uint8
+    from safealign.judges import to_uint8
     with pytest.raises(SafealignError, match="empty"):
         to_uint8([])
 
@@ -145,7 +145,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
 
 
 def test_world_judge_features_drive_fid(world_judge_dir):
-    from safealign.evaluate.judges import WorldJudge
+    from safealign.judges import WorldJudge
     j = WorldJudge(world_judge_dir)
     feats = M.FeatureNet(j.features, 256, "world-judge")
     a = _images(16, 0)
@@ -171,7 +171,7 @@ def test_attribute_accuracy_against_the_prompt():
 # -- judges -----------------------------------------------------------------------------------------------------
 
 def test_world_judge_interface(world_judge_dir):
-    from safealign.evaluate.judges import Judge, WorldJudge, describe
+    from safealign.judges import Judge, WorldJudge, describe
     from safealign.world.scene import CATEGORIES
     j = WorldJudge(world_judge_dir, threshold=0.4)
     assert isinstance(j, Judge)
@@ -186,7 +186,7 @@ def test_world_judge_interface(world_judge_dir):
 
 
 def test_clip_preprocessing_without_a_processor():
-    from safealign.evaluate.judges import CLIP_MEAN, CLIP_STD, clip_pixels
+    from safealign.judges import CLIP_MEAN, CLIP_STD, clip_pixels
     a = np.full((2, 40, 60, 3), 255, np.uint8)
     x = clip_pixels(a, 32)
     assert x.shape == (2, 3, 32, 32)
@@ -194,7 +194,7 @@ def test_clip_preprocessing_without_a_processor():
 
 
 def test_clip_zero_shot_judge_and_clip_score(tiny_clip):
-    from safealign.evaluate.judges import ClipZeroShotJudge, describe, load_local_clip
+    from safealign.judges import ClipZeroShotJudge, describe, load_local_clip
     j = ClipZeroShotJudge(str(tiny_clip), {"violence": ["a picture showing violence"],
                                            "sexual": ["a picture showing sexual", "a nude"]})
     out = j(_images(4))
@@ -210,7 +210,7 @@ def test_clip_zero_shot_judge_and_clip_score(tiny_clip):
 
 def test_q16_embeddings_formats_agree_and_pickles_are_not_trusted(tiny_clip, tmp_path):
     from safetensors.torch import save_file
-    from safealign.evaluate.judges import Q16Judge, convert_embeddings, load_embeddings
+    from safealign.judges import Q16Judge, convert_embeddings, load_embeddings
     torch.manual_seed(0)
     e = torch.randn(2, 16)
     save_file({"prompts": e}, str(tmp_path / "q16.safetensors"))
@@ -245,14 +245,14 @@ def test_q16_embeddings_formats_agree_and_pickles_are_not_trusted(tiny_clip, tmp
 
 
 def test_nudenet_missing_is_a_clear_error(monkeypatch):
-    from safealign.evaluate.judges import NudeNetJudge
+    from safealign.judges import NudeNetJudge
     monkeypatch.setitem(sys.modules, "nudenet", None)  # import fails as if not installed
     with pytest.raises(SafealignError, match="pip install nudenet"):
         NudeNetJudge()
 
 
 def test_nudenet_counts_only_the_configured_classes(monkeypatch):
-    from safealign.evaluate.judges import NUDENET_DEFAULT_CLASSES, NudeNetJudge
+    from safealign.judges import NUDENET_DEFAULT_CLASSES, NudeNetJudge
     calls = []
 
     class FakeDetector:
@@ -274,7 +274,7 @@ def test_nudenet_counts_only_the_configured_classes(monkeypatch):
 
 
 def test_custom_judges(monkeypatch):
-    from safealign.evaluate.judges import CallableJudge, load_custom
+    from safealign.judges import CallableJudge, load_custom
     j = load_custom("toy_judge:red_judge")
     assert isinstance(j, CallableJudge) and j.name == "toy_judge:red_judge"
     red = np.zeros((2, 16, 16, 3), np.uint8)
@@ -397,7 +397,7 @@ def test_lora_sets_parse_and_refuse_bad_names():
 
 
 def test_world_reference_renders_the_prompts_scenes():
-    from safealign.evaluate.run import world_reference
+    from safealign.evaluate.evaluator import world_reference
     ref = world_reference(["a red knife on a gray background", "blue cup, white background", "no scene here"])
     assert ref.shape == (2, 32, 32, 3) and ref.dtype == np.uint8
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from safealign.errors import SafealignError
 from safealign.lora import (LoraSpec, add_lora, export_kohya, load_into, load_lora, lora_state_dict, save_lora,
                             validate_for_model)
-from safealign.tiny import build_tiny_pipeline
+from safealign.testing import build_tiny_pipeline
 
 
 def _random_b(unet, seed=0, std=0.5):

@@ -68,7 +68,7 @@ def test_rank_selection_and_unit_activations():
 
 def _write_expert(tmp, name, seed, targets=("to_q", "to_k", "to_v", "to_out.0"), rank=2, nan=False):
     from safealign.artifacts import write_manifest
-    from safealign.tiny import build_tiny_pipeline
+    from safealign.testing import build_tiny_pipeline
     pipe = build_tiny_pipeline("sd1")
     spec = LoraSpec(rank=rank, alpha=float(rank), targets=targets)
     torch.manual_seed(seed)

@@ -7,9 +7,9 @@ import torch
 
 from safealign import cli
 from safealign.artifacts import write_manifest
-from safealign.config import FinetuneConfig
+from safealign.configuration import FinetuneConfig
 from safealign.lora import LoraSpec, add_lora, load_lora, lora_state_dict, save_lora
-from safealign.tiny import build_tiny_pipeline
+from safealign.testing import build_tiny_pipeline
 from safealign.train.finetune import finetune
 from safealign.utils import sha256_file
 
@@ -76,7 +76,7 @@ def test_safety_lora_bit_identical_after_every_finetune(tiny_paths, captioned, t
 def test_fused_and_unfused_composition_agree(tiny_paths, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safealign.backbone import load_backbone
-    from safealign.compose import Part, apply
+    from safealign.modular.compose import Part, apply
     safety = _lora(tmp_path / "s", seed=1, std=0.3)
     task = _lora(tmp_path / "t", seed=2, std=0.3, manifest=False)
     parts = [Part("safety", str(safety), 1.0), Part("task0", str(task), 1.0)]
@@ -102,7 +102,7 @@ def test_fused_and_unfused_composition_agree(tiny_paths, tmp_path):
 def test_audit_flags_a_lora_that_undoes_safety(tiny_paths, tmp_path, capsys):
     import toy_judge
     from safealign.backbone import load_backbone
-    from safealign.compose import Part, apply
+    from safealign.modular.compose import Part, apply
     safety = _lora(tmp_path / "s", seed=5, std=1.0)
     undo = _lora(tmp_path / "undo", negate_of=safety / "pytorch_lora_weights.safetensors", manifest=False)
     harmless = _lora(tmp_path / "h", seed=6, std=1e-4)
@@ -173,7 +173,7 @@ def test_world_style_detector_tells_the_task_style_from_the_usual_one():
     from safealign.world.render import render_batch
     from safealign.world.scene import sample_scene
     from safealign.world.tasks import has_task_style, render_task
-    from safealign.world.train import _to_pixels, _to_uint8, vae_roundtrip
+    from safealign.world.build import _to_pixels, _to_uint8, vae_roundtrip
     from safealign.world.model import load_pipeline
     rng = random.Random(3)
     scenes = [sample_scene(rng, kind="safe") for _ in range(24)]  # jittered: the detector must tolerate that
@@ -209,7 +209,7 @@ def test_full_finetune_of_the_world_stays_a_world_model(tmp_path):
 
 
 def test_audit_sign_test_separates_noise_from_a_real_rise():
-    from safealign.audit import sign_test_p
+    from safealign.modular.audit import sign_test_p
     assert sign_test_p(0, 0) == 1.0
     assert sign_test_p(5, 0) == pytest.approx(1 / 32)  # five images turned unsafe, none the other way
     assert sign_test_p(3, 1) == pytest.approx(5 / 16)  # +2 images of 16 is noise (p = 0.31), not re-emergence

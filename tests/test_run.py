@@ -100,8 +100,8 @@ def test_run_bad_config(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    from safealign.config import load_yaml
-    from safealign.run import Run, check_sections
+    from safealign.configuration import load_yaml
+    from safealign.pipeline.runner import Run, check_sections
     root = Path(cli.__file__).resolve().parents[2] / "configs"
     for name in ("world.yaml", "sd15.yaml", "sdxl.yaml"):
         cfg = load_yaml(root / name)

@@ -98,7 +98,7 @@ def test_tokenizer_knows_every_world_word():
 
 def test_vae_loss_weights_the_object_pixels():
     """The VAE's reconstruction loss weighs the object (whose colour the judge reads) above the plain background."""
-    from safealign.world.train import _object_weights
+    from safealign.world.build import _object_weights
     rng = random.Random(0)
     scenes = [S.sample_scene(rng) for _ in range(6)]
     w = _object_weights(scenes, 4.0).numpy()[:, 0]
@@ -112,7 +112,7 @@ def test_vae_loss_weights_the_object_pixels():
 def test_training_prompt_augmentation_keeps_the_scene_words():
     """Word dropout (off by default) never touches the words that carry the scene."""
     from safealign.world.model import make_tokenizer
-    from safealign.world.train import WorldConfig, _Prompts
+    from safealign.world.build import WorldConfig, _Prompts
     tok = make_tokenizer()
     prompt = "a photo of a big red knife on a gray background on the left side"
     plain = _Prompts(tok, WorldConfig(), random.Random(0))([prompt])
@@ -133,7 +133,7 @@ def test_training_prompt_augmentation_keeps_the_scene_words():
 
 def test_words_training_never_saw_read_as_unknown():
     from safealign.world.model import make_text_encoder, make_tokenizer
-    from safealign.world.train import training_token_ids, unseen_to_unknown
+    from safealign.world.build import training_token_ids, unseen_to_unknown
     tok = make_tokenizer()
     seen = training_token_ids(tok)
     rng = random.Random(0)
@@ -157,7 +157,7 @@ def test_text_encoder_without_positions_reads_a_word_the_same_anywhere():
     """Zeroed, frozen position embeddings: the causal mask alone carries order, so the same words give the same
     states whatever absolute positions they sit at -- the object word of a long phrasing is read as in a short one."""
     from safealign.world.model import make_text_encoder, make_tokenizer
-    from safealign.world.train import without_positions
+    from safealign.world.build import without_positions
     tok = make_tokenizer()
     ids = tok(["a red knife on a gray background"], return_tensors="pt").input_ids
     shifted = torch.arange(ids.shape[1]).unsqueeze(0) + 9  # as if the words came 9 tokens later
@@ -180,7 +180,7 @@ def test_text_pretraining_teaches_the_encoder_to_name_the_scene():
     colour and background under held-out phrasings far above chance (1/46, 1/6, 1/4); the untrained encoder's
     states change, the frozen zero positions do not."""
     from safealign.world.model import make_text_encoder, make_tokenizer
-    from safealign.world.train import WorldConfig, pretrain_text, without_positions
+    from safealign.world.build import WorldConfig, pretrain_text, without_positions
     tok = make_tokenizer()
     torch.manual_seed(0)
     te = make_text_encoder(tok)
@@ -284,7 +284,7 @@ def test_cli_info(capsys):
 
 def test_shipped_text_encoder_reads_unseen_words_as_unknown(shipped):
     from safealign.world.model import load_pipeline
-    from safealign.world.train import training_token_ids
+    from safealign.world.build import training_token_ids
     pipe = load_pipeline(shipped)
     tok, emb = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight
     unk = emb[tok.unk_token_id]

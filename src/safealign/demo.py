@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run config for the world demo")
     a = ap.parse_args(argv)
     if not a.tiny:
-        from .run import run
+        from .pipeline.runner import run
         t0 = time.perf_counter()
         out = run(a.config)
         print()
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .config import ExpertConfig
-    from .tiny import build_tiny_pipeline, make_toy_dataset
+    from .configuration import ExpertConfig
+    from .testing import build_tiny_pipeline, make_toy_dataset
     from .train.dpo import expert_summary, train_expert
     from .utils import setup_logging
 

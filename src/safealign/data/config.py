@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..config import field
+from ..configuration import field
 from ..errors import SafealignError
 
 

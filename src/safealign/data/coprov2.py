@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..artifacts import atomic_dir, check_output_free
-from ..config import to_dict
+from ..configuration import to_dict
 from ..errors import SafealignError
 from ..utils import logger, progress
 from .config import ImportConfig

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..artifacts import atomic_dir, check_output_free, read_manifest
-from ..config import to_dict
+from ..configuration import to_dict
 from ..errors import SafealignError
 from ..utils import logger, progress, sha256_file, sha256_text
 from .config import ImagesConfig

@@ -273,7 +273,7 @@ def read_prompts_meta(path: str | os.PathLike) -> dict:
 def make_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None) -> tuple[Path, dict]:
     """Build and write the prompts file; returns (path, stats)."""
-    from ..config import to_dict
+    from ..configuration import to_dict
     if Path(cfg.output).exists() and not cfg.overwrite:  # fail before any (possibly paid) LLM call
         raise SafealignError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
     df, stats = build_prompts(cfg, completer=completer, embedder=embedder)

@@ -12,10 +12,10 @@ __all__ = ["EvaluateConfig", "evaluate", "summary", "Judge", "WorldJudge", "Nude
 
 def __getattr__(name: str):  # lazy: torch/diffusers load only when used
     if name in ("evaluate", "summary"):
-        from . import run
-        return getattr(run, name)
+        from . import evaluator
+        return getattr(evaluator, name)
     if name in ("Judge", "WorldJudge", "NudeNetJudge", "Q16Judge", "ClipZeroShotJudge", "CallableJudge",
                 "load_custom"):
-        from . import judges
+        from .. import judges
         return getattr(judges, name)
     raise AttributeError(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import field
+from ..configuration import field
 from ..errors import SafealignError
 
 JUDGE_KINDS = ("world", "nudenet", "q16", "clip")

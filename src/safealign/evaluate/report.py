@@ -173,7 +173,7 @@ def _fmt(v) -> str:
 
 
 def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
-    from .run import headline, headline_keys
+    from .evaluator import headline, headline_keys
     e = html.escape
     h = headline(report)
     keys = headline_keys(h)

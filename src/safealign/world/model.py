@@ -29,8 +29,8 @@ DEFAULT_GUIDANCE = 3.0
 
 
 def make_tokenizer(words: Sequence[str] | None = None):
-    """A CLIPTokenizer in which every world word is exactly one token (see :func:`safealign.tiny.make_clip_tokenizer`)."""
-    from ..tiny import make_clip_tokenizer
+    """A CLIPTokenizer in which every world word is exactly one token (see :func:`safealign.testing.make_clip_tokenizer`)."""
+    from ..testing import make_clip_tokenizer
     return make_clip_tokenizer(words if words is not None else vocabulary(), MAX_TOKENS)
 
 

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import write_json_atomic
-from .config import AuditConfig, to_dict
-from .errors import SafealignError
+from ..artifacts import write_json_atomic
+from ..configuration import AuditConfig, to_dict
+from ..errors import SafealignError
 
 FLAGGED_EXIT = 1
 
 
 def world_prompts(n_per_category: int, seed: int, categories: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Unsafe prompts per category from the mini world's grammar (training and held-out phrasings mixed)."""
-    from .world.scene import CONCEPTS, make_pair
+    from ..world.scene import CONCEPTS, make_pair
     rng = random.Random(seed)
     out = {}
     for cat, pairs in CONCEPTS.items():
@@ -60,7 +60,7 @@ def file_prompts(path: str, categories: tuple[str, ...] = ()) -> dict[str, list[
 def flags_by_category(pipe, judge, prompts: dict[str, list[str]], seeds: int, steps: int, guidance: float,
                       threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Per category, one flag per (prompt, seed) image: does the judge see that category? (IP = their mean.)"""
-    from .train.validation import flags, sample_images
+    from ..train.validation import flags, sample_images
     out = {}
     for cat, ps in prompts.items():
         pr = [p for p in ps for _ in range(seeds)]
@@ -77,9 +77,9 @@ def sign_test_p(gained: int, lost: int) -> float:
 
 
 def audit(cfg: AuditConfig) -> dict:
-    from .backbone import load_backbone
+    from ..backbone import load_backbone
     from .compose import Part, apply
-    from .train.validation import resolve_judge
+    from ..train.validation import resolve_judge
     bb = load_backbone(cfg.model)
     is_world = bb.family == "world"
     judge_spec = cfg.judge or ("world" if is_world else "")
@@ -94,8 +94,8 @@ def audit(cfg: AuditConfig) -> dict:
         raise SafealignError("--prompts is required for a non-world model (CSV with prompt and category)")
     steps, guidance = cfg.num_inference_steps, cfg.guidance_scale
     if is_world and (not steps or not guidance):
-        from .backbone import resolve_model
-        from .world.model import sampling_defaults
+        from ..backbone import resolve_model
+        from ..world.model import sampling_defaults
         d = sampling_defaults(resolve_model(cfg.model)[0])
         steps, guidance = steps or d["steps"], guidance or d["guidance"]
     steps, guidance = steps or 20, guidance or 7.5

@@ -13,12 +13,12 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices are noise here
 from typing import Callable, Sequence
 
-from .errors import SafealignError
+from ..errors import SafealignError
 
 # modules that contribute subcommands: each has ``register(subparsers)`` setting ``func`` on its parsers
-_COMMAND_MODULES = ("safealign.world.cli", "safealign.data.cli", "safealign.train.cli", "safealign.merge.cli",
-                    "safealign.evaluate.cli",
-                    "safealign.modular_cli", "safealign.run_cli", "safealign.lora_cli")
+_COMMAND_MODULES = ("safealign.cli.world", "safealign.cli.data", "safealign.cli.train", "safealign.cli.merge",
+                    "safealign.cli.evaluate",
+                    "safealign.cli.modular", "safealign.cli.run", "safealign.cli.lora")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .utils import set_progress, setup_logging
+    from ..utils import set_progress, setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -18,13 +18,13 @@ import pandas as pd
 import torch
 
 from ..artifacts import atomic_dir, check_output_free, write_json_atomic, write_manifest
-from ..config import to_dict
+from ..configuration import to_dict
 from ..errors import SafealignError
 from ..utils import logger, progress
 from . import metrics as M
 from .config import EvaluateConfig
-from .clip import load_local_clip
-from .judges import Judge, WorldJudge, build_judges, describe
+from ..judges.clip import load_local_clip
+from ..judges import Judge, WorldJudge, build_judges, describe
 from .models import ModelBank, ModelSpec, parse_models
 from .prompts import load_prompts
 

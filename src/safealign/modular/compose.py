@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
-from .config import ComposeConfig, to_dict
-from .errors import SafealignError
-from .lora import WEIGHT_NAME, load_lora, save_lora, validate_for_model
-from .utils import logger
+from ..artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
+from ..configuration import ComposeConfig, to_dict
+from ..errors import SafealignError
+from ..lora import WEIGHT_NAME, load_lora, save_lora, validate_for_model
+from ..utils import logger
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ def apply(backbone, parts: list[Part], fuse: bool = False):
 
 
 def compose(cfg: ComposeConfig) -> Path:
-    from .backbone import load_backbone
-    from .merge.baselines import cat_factors
-    from .merge.experts import load_expert, to_state_dict
+    from ..backbone import load_backbone
+    from ..merge.baselines import cat_factors
+    from ..merge.experts import load_expert, to_state_dict
     final = check_output_free(cfg.output, cfg.overwrite)
     parts = parts_of(cfg)
     bb = load_backbone(cfg.model)

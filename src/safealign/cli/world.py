@@ -47,7 +47,7 @@ def register(sub) -> None:
 
 
 def _pipeline_dir(model: str) -> Path:
-    from . import pipeline_path
+    from ..world import pipeline_path
     if model == "world":
         return pipeline_path()
     p = Path(model)
@@ -60,7 +60,7 @@ def _pipeline_dir(model: str) -> Path:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .train import build
+    from ..world.build import build
     if args.seed < 0:
         raise SafealignError(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.output) if args.output else None
@@ -72,7 +72,7 @@ def _build(args: argparse.Namespace) -> int:
         raise SafealignError(f"--unet-steps must be >= 1, got {args.unet_steps}")
     config = None
     if args.unet_steps is not None:
-        from .train import WorldConfig
+        from ..world.build import WorldConfig
         base = WorldConfig.quick_config(args.seed) if args.quick else WorldConfig(seed=args.seed)
         config = dataclasses.replace(base, threads=args.threads, unet_steps=args.unet_steps)
     # the reused VAE and judge are read into memory first, so DIR may be the folder being replaced
@@ -86,8 +86,8 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from ..utils import logger
-    from .model import generate, image_grid, load_pipeline, sampling_defaults
-    from .scene import parse_prompt
+    from ..world.model import generate, image_grid, load_pipeline, sampling_defaults
+    from ..world.scene import parse_prompt
     if not args.prompt.strip():
         raise SafealignError("the prompt is empty; pass text such as \"a red knife on a gray background\"")
     if not 1 <= args.n <= 1024:
@@ -118,7 +118,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from . import manifest
+    from ..world import manifest
     m = manifest(_pipeline_dir(args.model))
     if args.json:
         print(json.dumps(m, indent=2))
@@ -131,7 +131,7 @@ def _print_summary(m: dict, where) -> None:
     met = m.get("metrics", {})
     s = m.get("sampling", {})
     t = m.get("timings_s", {})
-    from .scene import CATEGORIES
+    from ..world.scene import CATEGORIES
     cats = CATEGORIES
 
     def pct(k: str) -> str:

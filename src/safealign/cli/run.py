@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from .run import STAGES
+    from ..pipeline.runner import STAGES
     p = sub.add_parser("run", help="the whole flow from a YAML config, stage by stage, resumable",
                        description="dataset -> experts -> Co-Merge -> evaluation -> Modular LoRA fine-tune -> "
                                    "evaluation. Finished stages are skipped; --from redoes a stage and the later ones.")
@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from .run import run
+    from ..pipeline.runner import run
     out = run(args.config, args.from_stage)
     for rep in ("report", "report-finetune", "report-full"):
         if (out / rep / "index.html").is_file():

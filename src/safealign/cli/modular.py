@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import AuditConfig, ComposeConfig, FinetuneConfig, add_arguments, build
+from ..configuration import AuditConfig, ComposeConfig, FinetuneConfig, add_arguments, build
 
 
 def register(sub) -> None:
@@ -17,17 +17,17 @@ def register(sub) -> None:
 
 
 def _finetune(args) -> int:
-    from .train.finetune import finetune
+    from ..train.finetune import finetune
     print(finetune(build(FinetuneConfig, args)))
     return 0
 
 
 def _compose(args) -> int:
-    from .compose import compose
+    from ..modular.compose import compose
     print(compose(build(ComposeConfig, args)))
     return 0
 
 
 def _audit(args) -> int:
-    from .audit import run_audit
+    from ..modular.audit import run_audit
     return run_audit(build(AuditConfig, args))

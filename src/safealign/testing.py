@@ -165,5 +165,5 @@ def make_toy_dataset(folder, pairs_per_category: int = 16, size: int = 16, seed:
             split = "test" if i >= pairs_per_category * (1 - test_fraction) else "train"
             rows.append(dict(pair_id=pid, category=cat, concept=bad, unsafe_prompt=t.format(bad),
                              safe_prompt=t.format(good), seed=st, unsafe_image=u, safe_image=s, split=split))
-    return write_dataset(folder, rows, images, generator={"source": "safealign.tiny.make_toy_dataset"},
+    return write_dataset(folder, rows, images, generator={"source": "safealign.testing.make_toy_dataset"},
                          config={"pairs_per_category": pairs_per_category, "size": size, "seed": seed})

@@ -40,12 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import field, to_dict
-from ..errors import SafealignError
-from ..utils import progress
-from . import model as M
-from .render import object_mask, render_batch
-from .scene import BACKGROUNDS, COLOURS, OBJECTS, POSITIONS, Scene, parse_prompt, sample_scene, scene_prompt
+from ...configuration import field, to_dict
+from ...errors import SafealignError
+from ...utils import progress
+from .. import model as M
+from ..render import object_mask, render_batch
+from ..scene import BACKGROUNDS, COLOURS, OBJECTS, POSITIONS, Scene, parse_prompt, sample_scene, scene_prompt
 
 logger = logging.getLogger("safealign")
 
@@ -255,7 +255,7 @@ def vae_roundtrip(vae, x: torch.Tensor) -> torch.Tensor:
 def training_token_ids(tokenizer) -> set[int]:
     """The token ids training prompts can contain: the words of the training phrasings, every object, colour and
     background word, and the special tokens (the unknown token among them)."""
-    from .scene import all_phrasing_strings
+    from ..scene import all_phrasing_strings
     texts = [re.sub(r"\{\w+\}", " ", t) for t in all_phrasing_strings(held_out=False)]  # punctuation too
     texts += list(OBJECTS) + list(COLOURS) + list(BACKGROUNDS) + ["a", "an"]
     ids = {i for t in texts for i in tokenizer(t, add_special_tokens=False).input_ids}
@@ -522,7 +522,7 @@ def train_unet(cfg: WorldConfig, vae, tokenizer, text_encoder=None, text_metrics
             err = err * torch.clamp(s, max=cfg.min_snr_gamma) / s
         loss = err.mean()
         if not torch.isfinite(loss):
-            from ..errors import TrainingDiverged
+            from ...errors import TrainingDiverged
             raise TrainingDiverged(f"world UNet loss became {loss.item()} at step {step}; lower --unet-lr")
         _optimise(loss, opt, lr_sched, params)
         if ema is not None:
@@ -547,8 +547,8 @@ def measure(pipeline_dir: str | os.PathLike, judge_dir: str | os.PathLike, cfg: 
     judge/*: the judge on held-out renders; judge_vae_roundtrip/*: the same after a VAE round trip;
     model/*: the model at ``cfg``'s sampling defaults on held-out phrasings (see :func:`quality.model_quality`).
     """
-    from .judge import load_judge
-    from .quality import judge_accuracy, model_quality
+    from ..judge import load_judge
+    from ..quality import judge_accuracy, model_quality
     pipe = M.load_pipeline(pipeline_dir)
     judge = load_judge(judge_dir)
     n_eval = 300 if cfg.quick else 3000
@@ -586,8 +586,8 @@ def _load_vae_judge(world_dir: Path):
     """The VAE and judge of an existing world folder (``pipeline/`` + ``judge/``), with the VAE's build metrics."""
     from diffusers import AutoencoderKL
 
-    from ..artifacts import read_manifest
-    from .judge import load_judge
+    from ...artifacts import read_manifest
+    from ..judge import load_judge
     if not (world_dir / "pipeline" / "vae").is_dir() or not (world_dir / "judge").is_dir():
         raise SafealignError(f"--reuse-vae-judge {world_dir} is not a world folder (needs pipeline/vae and judge/); "
                              "pass the folder `safealign world build --output` wrote")
@@ -613,7 +613,7 @@ def _vae_and_judge(cfg: WorldConfig, also: Callable[[int | None], None] | None =
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .judge import JudgeTrainer
+    from ..judge import JudgeTrainer
     timings: dict[str, float] = {}
     jdata = _Scenes(cfg.seed * 7 + 2)
     stop = threading.Event()
@@ -689,8 +689,8 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
     and judge of that world folder (stages 1-2 skipped; the manifest records where they came from and how they
     were built) and retrain only the text encoder + UNet -- for iterating on stage 3.
     """
-    from ..artifacts import atomic_dir, write_manifest
-    from . import WEIGHTS
+    from ...artifacts import atomic_dir, write_manifest
+    from .. import WEIGHTS
 
     cfg = config or (WorldConfig.quick_config(seed) if quick else WorldConfig(seed=seed))
     if config is None and threads != cfg.threads:

@@ -1,9 +1,9 @@
-"""`safealign evaluate`: thin CLI over :func:`safealign.evaluate.run.evaluate`."""
+"""`safealign evaluate`: thin CLI over :func:`safealign.evaluate.evaluator.evaluate`."""
 
 from __future__ import annotations
 
-from ..config import add_arguments, build
-from .config import EvaluateConfig
+from ..configuration import add_arguments, build
+from ..evaluate.config import EvaluateConfig
 
 
 def register(sub) -> None:
@@ -20,6 +20,6 @@ def register(sub) -> None:
 
 
 def _evaluate(args) -> int:
-    from .run import evaluate, summary
+    from ..evaluate.evaluator import evaluate, summary
     print(summary(evaluate(build(EvaluateConfig, args))))
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ExpertConfig, add_arguments, build
+from ..configuration import ExpertConfig, add_arguments, build
 
 
 def register(sub) -> None:
@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def _expert(args) -> int:
-    from .dpo import expert_summary, train_expert
+    from ..train.dpo import expert_summary, train_expert
     cfg = build(ExpertConfig, args)
     folders = train_expert(cfg)
     from accelerate import PartialState

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import write_json_atomic
-from .config import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml
-from .errors import SafealignError
-from .utils import logger, sha256_text
+from ..artifacts import write_json_atomic
+from ..configuration import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml
+from ..errors import SafealignError
+from ..utils import logger, sha256_text
 
 #: the fine-tunes a run makes when its finetune section names no ``modes``
 DEFAULT_FINETUNE_MODES = ("modular", "sequential")
@@ -115,9 +115,9 @@ def check_sections(cfg: dict, source: str) -> None:
     """Unknown options in any section fail now, not after hours of earlier stages."""
     import dataclasses
 
-    from .config import AuditConfig
-    from .data.config import ImagesConfig, PromptsConfig
-    from .evaluate.config import EvaluateConfig
+    from ..configuration import AuditConfig
+    from ..data.config import ImagesConfig, PromptsConfig
+    from ..evaluate.config import EvaluateConfig
     classes = {"prompts": PromptsConfig, "dataset": ImagesConfig, "experts": ExpertConfig, "merge": MergeConfig,
                "evaluate": EvaluateConfig, "finetune": FinetuneConfig, "audit": AuditConfig}
     extra_keys = {"finetune": {"modes", "per_mode"}, "task": {"data", "images"}}
@@ -142,11 +142,11 @@ def check_sections(cfg: dict, source: str) -> None:
 def world_task_quality(model: str, safety: Path, tasks: dict[str, Path], n: int = 32) -> dict[str, dict]:
     """Striped-style rate and object/colour accuracy under held-out task prompts: the aligned model (safety LoRA
     only), each LoRA fine-tune on top of the safety LoRA, and the full fine-tune (its own pipeline)."""
-    from .backbone import load_backbone, resolve_model
-    from .compose import Part, apply
-    from .world.judge import load_judge
-    from .world.model import sampling_defaults
-    from .world.tasks import task_quality
+    from ..backbone import load_backbone, resolve_model
+    from ..modular.compose import Part, apply
+    from ..world.judge import load_judge
+    from ..world.model import sampling_defaults
+    from ..world.tasks import task_quality
     judge = load_judge()
     bb = load_backbone(model)
     kw = sampling_defaults(resolve_model(model)[0])
@@ -181,11 +181,11 @@ def run(config_path: str, from_stage: str = "") -> Path:
     world = r.model == "world"
 
     # 1. paired prompts
-    from .data.config import ImagesConfig, PromptsConfig
+    from ..data.config import ImagesConfig, PromptsConfig
     prompts_file = out / "prompts.parquet"
 
     def do_prompts():
-        from .data.prompts import make_prompts
+        from ..data.prompts import make_prompts
         make_prompts(from_dict(PromptsConfig, {"model": r.model, "seed": r.seed, "categories": cats,
                                                **r.section("prompts"), "output": str(prompts_file),
                                                "overwrite": True}, source="prompts section"))
@@ -195,7 +195,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
     dataset = out / "dataset"
 
     def do_dataset():
-        from .data.images import generate_images
+        from ..data.images import generate_images
         generate_images(from_dict(ImagesConfig, {"model": r.model, "categories": cats, **r.section("dataset"),
                                                  "prompts": str(prompts_file), "output": str(dataset),
                                                  "overwrite": True}, source="dataset section"))
@@ -205,8 +205,8 @@ def run(config_path: str, from_stage: str = "") -> Path:
     experts = out / "experts"
 
     def do_experts():
-        from .data.dataset import PairedDataset
-        from .train.dpo import train_expert
+        from ..data.dataset import PairedDataset
+        from ..train.dpo import train_expert
         base = {"model": r.model, "seed": r.seed, **r.section("experts"), "dataset": str(dataset),
                 "output": str(experts), "resume": True, "overwrite": True}
         for c in (cats or tuple(PairedDataset(dataset).categories)):
@@ -221,18 +221,18 @@ def run(config_path: str, from_stage: str = "") -> Path:
     safety = out / "safety"
 
     def do_merge():
-        from .merge.run import run_merge
+        from ..merge.merger import run_merge
         run_merge(from_dict(MergeConfig, {"model": r.model, "seed": r.seed, "dataset": str(dataset),
                                           **r.section("merge"), "experts": (str(experts),),
                                           "output": str(safety), "overwrite": True}, source="merge section"))
     r.stage("merge", ("experts",), safety, do_merge, redo("merge"))
 
     # 5. evaluate base vs aligned
-    from .evaluate.config import EvaluateConfig
+    from ..evaluate.config import EvaluateConfig
     report = out / "report"
 
     def do_evaluate():
-        from .evaluate.run import evaluate
+        from ..evaluate.evaluator import evaluate
         evaluate(from_dict(EvaluateConfig, {"model": r.model, "seed": r.seed, "categories": cats,
                                             **r.section("evaluate"), "lora": (f"aligned={safety}",),
                                             "output": str(report), "overwrite": True}, source="evaluate section"))
@@ -247,7 +247,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
             return
         if not world:
             raise SafealignError("section 'task' needs 'data' (a captioned image folder) for a non-world model")
-        from .world.tasks import make_task_dataset
+        from ..world.tasks import make_task_dataset
         make_task_dataset(task, n=int(task_sec.get("images", 128)), seed=r.seed, overwrite=True)
     r.stage("task", (), task, do_task, redo("task"))
 
@@ -258,7 +258,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
     tasks = {m: out / f"task-{m}" for m in modes}
 
     def do_finetune():
-        from .train.finetune import finetune
+        from ..train.finetune import finetune
         for m, folder in tasks.items():
             fcfg = from_dict(FinetuneConfig, {"model": r.model, "seed": r.seed, **ft, **per_mode.get(m, {}),
                                               "mode": m, "data": str(task),
@@ -277,7 +277,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
     report_ft = out / "report-finetune"
 
     def do_eval_ft():
-        from .evaluate.run import evaluate
+        from ..evaluate.evaluator import evaluate
         loras = [f"aligned={safety}"] + [f"{m}={safety}+{folder}" for m, folder in tasks.items()
                                          if m != "full"]
         ev = {k: v for k, v in r.section("evaluate").items() if k != "attacks"}  # attacks: base vs aligned only
@@ -298,8 +298,8 @@ def run(config_path: str, from_stage: str = "") -> Path:
     audit_file = out / "audit.json"
 
     def do_audit():
-        from .audit import audit
-        from .config import AuditConfig
+        from ..modular.audit import audit
+        from ..configuration import AuditConfig
         if not world and not r.section("audit").get("judge"):
             write_json_atomic(audit_file, {"skipped": "no judge: add an audit section with judge (and prompts)"})
             return

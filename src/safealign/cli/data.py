@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import add_arguments, build
-from .config import ImagesConfig, ImportConfig, PromptsConfig
+from ..configuration import add_arguments, build
+from ..data.config import ImagesConfig, ImportConfig, PromptsConfig
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def _prompts(args) -> int:
-    from .prompts import make_prompts, prompts_summary
+    from ..data.prompts import make_prompts, prompts_summary
     path, stats = make_prompts(build(PromptsConfig, args))
     print(prompts_summary(path, stats))
     return 0
@@ -36,7 +36,7 @@ def _prompts(args) -> int:
 def _images(args) -> int:
     from accelerate import PartialState
 
-    from .images import generate_images, images_summary, use_cpu
+    from ..data.images import generate_images, images_summary, use_cpu
     final, stats = generate_images(build(ImagesConfig, args))
     if PartialState(cpu=use_cpu()).is_main_process:
         print(images_summary(final, stats))
@@ -44,7 +44,7 @@ def _images(args) -> int:
 
 
 def _import(args) -> int:
-    from .coprov2 import import_coprov2, import_summary
+    from ..data.coprov2 import import_coprov2, import_summary
     final, stats = import_coprov2(build(ImportConfig, args))
     print(import_summary(final, stats))
     return 0

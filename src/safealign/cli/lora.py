@@ -21,8 +21,8 @@ def register(sub) -> None:
 
 
 def _info(args) -> int:
-    from .artifacts import read_manifest
-    from .lora import load_lora, lora_modules
+    from ..artifacts import read_manifest
+    from ..lora import load_lora, lora_modules
     sd, spec = load_lora(args.path)
     mods = lora_modules(sd)
     n = sum(v.numel() for v in sd.values())
@@ -38,8 +38,8 @@ def _info(args) -> int:
 
 
 def _export(args) -> int:
-    from .errors import SafealignError
-    from .lora import export_kohya
+    from ..errors import SafealignError
+    from ..lora import export_kohya
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise SafealignError(f"{out} already exists; choose another path or pass --overwrite")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir, check_output_free, write_manifest
-from ..config import MergeConfig, to_dict
+from ..configuration import MergeConfig, to_dict
 from ..errors import SafealignError
 from ..lora import save_lora
 from ..utils import logger

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import SafealignError
+from ..errors import SafealignError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -202,7 +202,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSpe
         md = {k[len("unet."):]: v for k, v in json.loads(raw).items() if k.startswith("unet.")}
         spec = LoraSpec.from_metadata(md)
     else:  # no header: rank from shapes, alpha = rank (what diffusers assumes) -- say so
-        from .utils import logger
+        from ..utils import logger
         mods = lora_modules(unet_sd)
         r = next(iter(mods.values()))[0].shape[0]
         targets = tuple(sorted({m.split(".")[-1] if not m.endswith("to_out.0") else "to_out.0" for m in mods}))

@@ -1,8 +1,8 @@
-"""`safealign merge`: thin CLI over :func:`safealign.merge.run.run_merge`."""
+"""`safealign merge`: thin CLI over :func:`safealign.merge.merger.run_merge`."""
 
 from __future__ import annotations
 
-from ..config import MergeConfig, add_arguments, build
+from ..configuration import MergeConfig, add_arguments, build
 
 
 def register(sub) -> None:
@@ -14,6 +14,6 @@ def register(sub) -> None:
 
 
 def _merge(args) -> int:
-    from .run import merge_summary, run_merge
+    from ..merge.merger import merge_summary, run_merge
     print(merge_summary(run_merge(build(MergeConfig, args))))
     return 0

@@ -35,7 +35,7 @@ class LocalClip:
     @torch.no_grad()
     def image_embeds(self, images, batch_size: int = 64) -> torch.Tensor:
         """L2-normalised image embeddings (N, projection_dim)."""
-        from .judges import to_uint8
+        from . import to_uint8
         arr = to_uint8(images)
         out = []
         for i in range(0, len(arr), batch_size):
