@@ -299,7 +299,7 @@ def test_custom_judges(monkeypatch):
 # -- prompt sets ------------------------------------------------------------------------------------------------
 
 def test_world_prompt_sets_share_seeds_between_twins():
-    from safealign.evaluate.prompts import world_prompts
+    from safealign.world.evaluation import evaluation_prompts as world_prompts
     from safealign.world.scene import HELD_OUT_SYNONYMS, HELD_OUT_TEMPLATES, category_of, parse_prompt
     ps = world_prompts(per_category=3, benign=4, seed=0)
     t = ps.table

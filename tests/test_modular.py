@@ -202,7 +202,7 @@ def test_full_finetune_of_the_world_stays_a_world_model(tmp_path):
                          checkpoint_every=0, batch_size=2, cache_dir=str(tmp_path / "cache"))
     out = finetune(cfg)
     bb = load_backbone(str(out / "pipeline"))
-    assert bb.family == "world"  # the world's sampler defaults and judge still apply
+    assert bb.plugin is not None and bb.plugin.name == "world"  # the world's sampler defaults and judge apply
     assert sampling_defaults(out / "pipeline") == sampling_defaults()
     base = load_backbone("world").unet.state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in bb.unet.state_dict().items())

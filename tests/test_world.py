@@ -222,11 +222,13 @@ def test_shipped_pipeline_loads_with_diffusers_and_samples_deterministically(shi
     from diffusers import StableDiffusionPipeline
 
     from safealign.backbone import detect_family
+    from safealign.plugins import plugin_for_folder
     pipe = StableDiffusionPipeline.from_pretrained(shipped, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.dtype == torch.float32  # fp16 on disk, float32 in memory
     index = json.loads((shipped / "model_index.json").read_text())
-    assert detect_family(index, dict(pipe.unet.config), str(shipped)) == "world"
+    assert detect_family(index, dict(pipe.unet.config)) == "sd1"  # the world speaks SD1's dialect
+    assert plugin_for_folder(shipped).name == "world"
 
     def run(seed):
         return pipe(["a red knife on a gray background", "a blue house on a white background"],

@@ -12,22 +12,27 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .errors import SafealignError
 
-Family = Literal["sd1", "sd2", "sdxl", "world"]
+if TYPE_CHECKING:
+    from .sampling import SamplingOptions
+
+Family = Literal["sd1", "sd2", "sdxl"]
+#: the sampler defaults of a pipeline that records none (diffusers' SD convention for guidance)
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 PIPELINE_CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 
 
 def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
-    """Return (path or hub id, is_local). ``world`` is the pipeline shipped in the package."""
+    """Return (path or hub id, is_local). A plugin's name (``world``) is the pipeline the plugin ships."""
+    from .plugins import get_plugin, is_plugin_name
     model = str(model)
-    if model == "world":
-        from .world import pipeline_path
-        return str(pipeline_path()), True
+    if is_plugin_name(model):
+        return str(get_plugin(model).pipeline_path()), True
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "model_index.json").is_file():
@@ -54,12 +59,8 @@ def _read_model_index(path: str, local: bool) -> dict:
     return json.loads(Path(f).read_text())
 
 
-def detect_family(index: dict, unet_config: dict, path: str | None = None) -> Family:
+def detect_family(index: dict, unet_config: dict) -> Family:
     """sdxl: two text encoders / text_time embedding; sd2: 1024-d cross attention or linear projection; else sd1."""
-    if path is not None:
-        marker = Path(path) / "safealign.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("kind") == "world":
-            return "world"
     if "text_encoder_2" in index or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
@@ -109,10 +110,15 @@ class Conditioning:
 class Backbone:
     """A loaded pipeline plus the family-specific encoding the trainers use."""
 
-    def __init__(self, pipe, family: Family, source: str):
+    def __init__(self, pipe, family: Family, source: str, path: str | None = None):
+        from .plugins import plugin_for_folder, plugin_for_model
         self.pipe = pipe
         self.family = family
         self.source = source
+        #: the local folder the pipeline was read from (None for a pipeline built in memory)
+        self.path = path
+        #: the model plugin that shipped or marked this pipeline (``world``), None for a plain diffusers model
+        self.plugin = plugin_for_model(source) or (plugin_for_folder(path) if path else None)
         self.unet = pipe.unet
         self.vae = pipe.vae
         self.scheduler = pipe.scheduler
@@ -125,11 +131,20 @@ class Backbone:
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
 
+    def sampling_defaults(self) -> "SamplingOptions":
+        """The sampler settings this model is meant to be sampled with: its plugin's record, else SD's convention."""
+        from .sampling import SamplingOptions
+        if self.plugin is not None and self.path:
+            steps, guidance = self.plugin.sampling_defaults(self.path)
+            return SamplingOptions(steps, guidance)
+        return SamplingOptions(DEFAULT_STEPS, DEFAULT_GUIDANCE)
+
     # -- identity ---------------------------------------------------------------------------------------------
     def identity(self) -> dict:
-        """What identifies the base model in artifacts (family, source, a fingerprint of UNet weights)."""
-        return {"source": self.source, "family": self.family, "fingerprint": self.fingerprint(),
-                "prediction_type": self.prediction_type, "resolution": self.resolution}
+        """What identifies the base model in artifacts (family, plugin, source, a fingerprint of UNet weights)."""
+        return {"source": self.source, "family": self.family, "plugin": self.plugin.name if self.plugin else None,
+                "fingerprint": self.fingerprint(), "prediction_type": self.prediction_type,
+                "resolution": self.resolution}
 
     def fingerprint(self) -> str:
         """Cheap, stable hash of the UNet config and a sample of its weights (for cache keys and checks)."""
@@ -240,5 +255,5 @@ def load_backbone(model: str | os.PathLike, *, device: str | torch.device = "cpu
                                                               if getattr(pipe, "text_encoder_2", None) else []))):
         m.requires_grad_(False)
         m.eval()
-    family = detect_family(index, dict(pipe.unet.config), path if local else None)
-    return Backbone(pipe, family, str(model))
+    family = detect_family(index, dict(pipe.unet.config))
+    return Backbone(pipe, family, str(model), path if local else None)

@@ -37,7 +37,7 @@ class PromptSet:
                 "per_category": {str(k): int(v) for k, v in t.groupby("category").size().items()}}
 
 
-def _finish(df: pd.DataFrame, source: dict, seed: int) -> PromptSet:
+def finish_prompt_set(df: pd.DataFrame, source: dict, seed: int) -> PromptSet:
     if len(df) == 0:
         raise SafealignError(f"prompt set {source.get('path', source.get('kind'))} has no prompts")
     df = df.copy()
@@ -75,7 +75,7 @@ def read_table(path: str | Path, seed: int = 0) -> PromptSet:
     if "prompt" not in df.columns:
         raise SafealignError(f"--prompts {path} has no 'prompt' column (columns: {', '.join(map(str, df.columns))}); "
                              "add one, with optional category, seed and set columns")
-    return _finish(df, {"kind": "table", "path": str(path)}, seed)
+    return finish_prompt_set(df, {"kind": "table", "path": str(path)}, seed)
 
 
 def read_i2p(path: str | Path, seed: int = 0) -> PromptSet:
@@ -89,7 +89,7 @@ def read_i2p(path: str | Path, seed: int = 0) -> PromptSet:
     if "sd_seed" in df:
         out["seed"] = df["sd_seed"]
     out["set"] = "unsafe"
-    return _finish(out, {"kind": "i2p", "path": str(path)}, seed)
+    return finish_prompt_set(out, {"kind": "i2p", "path": str(path)}, seed)
 
 
 def read_dataset(path: str | Path, split: str = "test") -> PromptSet:
@@ -105,52 +105,16 @@ def read_dataset(path: str | Path, split: str = "test") -> PromptSet:
                          concept=p.concept, pair=p.pair_id))
         rows.append(dict(prompt=p.safe_prompt, category=p.category, seed=p.seed, set="safe",
                          concept=p.concept, pair=p.pair_id))
-    return _finish(pd.DataFrame(rows), {"kind": "dataset", "path": str(path), "split": split}, 0)
-
-
-def world_prompts(per_category: int = 8, benign: int = 16, seed: int = 0, sets: Sequence[str] = SETS,
-                  categories: Sequence[str] = ()) -> PromptSet:
-    """The mini world's eval prompts: per category ``per_category`` unsafe prompts (concepts in turn) with their
-    safe twins (same phrasing, same seed), as many unsafe prompts in held-out phrasings, and ``benign`` prompts
-    of objects that are nobody's twin, all in held-out phrasings so that nothing was seen in training."""
-    from ..world.scene import CATEGORIES, CONCEPTS, make_pair, sample_scene, scene_prompt
-    unknown = [c for c in categories if c not in CATEGORIES]
-    if unknown:
-        raise SafealignError(f"unknown world categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                             f"known: {', '.join(CATEGORIES)}")
-    rng = random.Random(seed)
-    rows = []
-    for cat in categories or CATEGORIES:
-        concepts = [h for h, _ in CONCEPTS[cat]]
-        for i in range(per_category):
-            s = seed * 100_000 + len(rows)
-            concept = concepts[i % len(concepts)]
-            pair = make_pair(concept, rng, held_out=False)
-            pid = f"{cat}-{i:03d}"
-            if "unsafe" in sets:
-                rows.append(dict(prompt=pair.unsafe_prompt, category=cat, seed=s, set="unsafe", concept=concept,
-                                 pair=pid))
-            if "safe" in sets:
-                rows.append(dict(prompt=pair.safe_prompt, category=cat, seed=s, set="safe", concept=concept,
-                                 pair=pid))
-            if "heldout" in sets:
-                held = make_pair(concept, rng, held_out=True)
-                rows.append(dict(prompt=held.unsafe_prompt, category=cat, seed=s + 1, set="heldout",
-                                 concept=concept, pair=pid + "h"))
-    if "benign" in sets:
-        for i in range(benign):
-            sc = sample_scene(rng, kind="benign")
-            rows.append(dict(prompt=scene_prompt(sc, rng, held_out=True), category="benign",
-                             seed=seed * 100_000 + 50_000 + i, set="benign", concept=sc.obj, pair=""))
-    return _finish(pd.DataFrame(rows), {"kind": "world", "per_category": per_category, "benign": benign,
-                                        "seed": seed, "sets": list(sets)}, seed)
+    return finish_prompt_set(pd.DataFrame(rows), {"kind": "dataset", "path": str(path), "split": split}, 0)
 
 
 def load_prompts(cfg) -> PromptSet:
     """The prompt set an :class:`~safealign.evaluate.config.EvaluateConfig` names."""
     spec, fmt = cfg.prompts, cfg.prompt_format
-    if spec == "world":
-        return world_prompts(cfg.per_category, cfg.benign, cfg.seed, cfg.sets, cfg.categories)
+    from ..plugins import is_plugin_name
+    if is_plugin_name(spec):
+        from ..plugins import get_plugin
+        return get_plugin(spec).evaluation_prompts(cfg.per_category, cfg.benign, cfg.seed, cfg.sets, cfg.categories)
     p = Path(spec)
     if not p.exists():
         raise SafealignError(f"--prompts {p} does not exist; pass 'world', a CSV/parquet file or a dataset folder")

@@ -23,20 +23,6 @@ from ..errors import SafealignError
 FLAGGED_EXIT = 1
 
 
-def world_prompts(n_per_category: int, seed: int, categories: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """Unsafe prompts per category from the mini world's grammar (training and held-out phrasings mixed)."""
-    from ..world.scene import CONCEPTS, make_pair
-    rng = random.Random(seed)
-    out = {}
-    for cat, pairs in CONCEPTS.items():
-        if categories and cat not in categories:
-            continue
-        concepts = [h for h, _ in pairs]
-        out[cat] = [make_pair(concepts[i % len(concepts)], rng, held_out=bool(i % 2)).unsafe_prompt
-                    for i in range(n_per_category)]
-    return out
-
-
 def file_prompts(path: str, categories: tuple[str, ...] = ()) -> dict[str, list[str]]:
     p = Path(path)
     if not p.is_file():
@@ -89,7 +75,7 @@ def audit(cfg: AuditConfig) -> dict:
     if cfg.prompts:
         prompts = file_prompts(cfg.prompts, cfg.categories)
     elif is_world:
-        prompts = world_prompts(cfg.prompts_per_category, cfg.seed, cfg.categories)
+        prompts = bb.plugin.audit_prompts(cfg.prompts_per_category, cfg.seed, cfg.categories)
     else:
         raise SafealignError("--prompts is required for a non-world model (CSV with prompt and category)")
     steps, guidance = cfg.num_inference_steps, cfg.guidance_scale
@@ -136,5 +122,5 @@ def run_audit(cfg: AuditConfig) -> int:
     return FLAGGED_EXIT if res["flagged"] else 0
 
 
-__all__ = ["audit", "run_audit", "summary", "flags_by_category", "sign_test_p", "world_prompts",
+__all__ = ["audit", "run_audit", "summary", "flags_by_category", "sign_test_p",
            "file_prompts"]

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from ..artifacts import write_json_atomic
 from ..configuration import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml
 from ..errors import SafealignError
+from ..plugins import get_plugin
 from ..utils import logger, sha256_text
 
 #: the fine-tunes a run makes when its finetune section names no ``modes``
@@ -137,30 +138,6 @@ def check_sections(cfg: dict, source: str) -> None:
                                                  for m, o in per_mode.items()):
         raise SafealignError(f"{source}: finetune section's 'per_mode' must map modes listed in 'modes' to "
                              "finetune options, e.g. per_mode: {full: {learning_rate: 1.0e-4}}")
-
-
-def world_task_quality(model: str, safety: Path, tasks: dict[str, Path], n: int = 32) -> dict[str, dict]:
-    """Striped-style rate and object/colour accuracy under held-out task prompts: the aligned model (safety LoRA
-    only), each LoRA fine-tune on top of the safety LoRA, and the full fine-tune (its own pipeline)."""
-    from ..backbone import load_backbone, resolve_model
-    from ..modular.compose import Part, apply
-    from ..world.judge import load_judge
-    from ..world.model import sampling_defaults
-    from ..world.tasks import task_quality
-    judge = load_judge()
-    bb = load_backbone(model)
-    kw = sampling_defaults(resolve_model(model)[0])
-    configs = {"aligned": [Part("safety", str(safety), 1.0)]}
-    configs.update({m: [Part("safety", str(safety), 1.0), Part("task", str(f), 1.0)]
-                    for m, f in tasks.items() if m != "full"})
-    res = {}
-    for name, parts in configs.items():
-        pipe = apply(bb, parts)
-        res[name] = task_quality(pipe, judge, n, **kw)
-        pipe.unload_lora_weights()
-    if "full" in tasks:
-        res["full"] = task_quality(load_backbone(tasks["full"] / "pipeline").pipe, judge, n, **kw)
-    return res
 
 
 def run(config_path: str, from_stage: str = "") -> Path:
@@ -290,7 +267,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
                                                 "output": str(out / "report-full"), "overwrite": True},
                                source="evaluate section"))
         if world:  # task quality: does each fine-tune draw the new style?
-            write_json_atomic(out / "task-quality.json", world_task_quality(r.model, safety, tasks))
+            write_json_atomic(out / "task-quality.json", get_plugin(r.model).task_quality(r.model, safety, tasks))
     r.stage("evaluate_finetune", ("evaluate", "finetune"), report_ft, do_eval_ft, redo("evaluate_finetune"))
 
     # 9. audit every task LoRA as a host would: base + safety against base + safety + task (full fine-tunes are

@@ -78,3 +78,26 @@ def task_quality(pipe, judge, n: int = 32, seed: int = 10_000, *, steps: int, gu
             "object_accuracy": float(np.mean([o == s.obj for o, s in zip(j.attributes["object"], scenes)])),
             "colour_accuracy": float(np.mean([c == s.colour for c, s in zip(j.attributes["colour"], scenes)])),
             "n": n}
+
+
+def fine_tune_quality(model: str, safety: Path, tasks: dict[str, Path], n: int = 32) -> dict[str, dict]:
+    """Task-style rate and object/colour accuracy under held-out task prompts: the aligned model (safety LoRA
+    only), each LoRA fine-tune on top of the safety LoRA, and the full fine-tune (its own pipeline)."""
+    from ..backbone import load_backbone, resolve_model
+    from ..modular.compose import Part, apply
+    from .judge import load_judge
+    from .model import sampling_defaults
+    judge = load_judge()
+    bb = load_backbone(model)
+    kw = sampling_defaults(resolve_model(model)[0])
+    configs = {"aligned": [Part("safety", str(safety), 1.0)]}
+    configs.update({m: [Part("safety", str(safety), 1.0), Part("task", str(f), 1.0)]
+                    for m, f in tasks.items() if m != "full"})
+    res = {}
+    for name, parts in configs.items():
+        pipe = apply(bb, parts)
+        res[name] = task_quality(pipe, judge, n, **kw)
+        pipe.unload_lora_weights()
+    if "full" in tasks:
+        res["full"] = task_quality(load_backbone(tasks["full"] / "pipeline").pipe, judge, n, **kw)
+    return res
