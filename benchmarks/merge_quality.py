@@ -37,7 +37,9 @@ def main() -> None:
     a = ap.parse_args()
 
     from safealign.artifacts import read_manifest
-    from safealign.configuration import ExpertConfig, MergeConfig, from_dict
+    from safealign.configuration import from_dict
+    from safealign.train.config import ExpertConfig
+    from safealign.merge.config import MergeConfig
     from safealign.evaluate.config import EvaluateConfig
     from safealign.demo import summary_rows
     from safealign.evaluate.evaluator import evaluate

@@ -66,7 +66,7 @@ def worker(shape: str, design: str, device: str) -> dict:
     from safealign.train.dpo import dpo_errors
     from safealign.train.engine import build_optimizer
     from safealign.train.losses import diffusion_dpo_loss, per_sample_mse
-    from safealign.configuration import TrainConfig
+    from safealign.train.config import TrainConfig
 
     torch.manual_seed(0)
     _, lat, bs, steps = SHAPES[shape]

@@ -40,7 +40,7 @@ def cache_dir(tmp_path):
 
 def expert_cfg(**kw):
     """An ExpertConfig with fast defaults for tests."""
-    from safealign.configuration import ExpertConfig
+    from safealign.train.config import ExpertConfig
     base = dict(max_steps=20, beta=2000.0, learning_rate=1e-3, batch_size=4, checkpoint_every=0, seed=0,
                 log_every=5)
     base.update(kw)

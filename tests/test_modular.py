@@ -7,7 +7,7 @@ import torch
 
 from safealign import cli
 from safealign.artifacts import write_manifest
-from safealign.configuration import FinetuneConfig
+from safealign.train.config import FinetuneConfig
 from safealign.lora import LoraSpec, add_lora, load_lora, lora_state_dict, save_lora
 from safealign.testing import build_tiny_pipeline
 from safealign.train.finetune import finetune

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .configuration import ExpertConfig
+    from .train.config import ExpertConfig
     from .testing import build_tiny_pipeline, make_toy_dataset
     from .train.dpo import expert_summary, train_expert
     from .utils import setup_logging

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .configuration import field
 from .errors import SafealignError
 
 
@@ -39,6 +40,19 @@ class SamplingOptions:
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "guidance": self.guidance}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingFields:
+    """The two sampler options every config that draws images shares (``--steps``, ``--guidance``)."""
+
+    steps: int | None = field(None, "sampler steps (default: the model's own; 30 for a plain diffusers model)")
+    guidance: float | None = field(None, "classifier-free guidance scale, 0 for none (default: the model's own; "
+                                         "7.5 for a plain diffusers model)")
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(self.steps, self.guidance)
 
 
 @torch.no_grad()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..configuration import MergeConfig, add_arguments, build
+from ..configuration import add_arguments, build
+
+from ..merge.config import MergeConfig
 
 
 def register(sub) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ..configuration import AuditConfig, ComposeConfig, FinetuneConfig, add_arguments, build
+from ..configuration import add_arguments, build
+
+from ..modular.config import AuditConfig, ComposeConfig
+
+from ..train.config import FinetuneConfig
 
 
 def register(sub) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..configuration import ExpertConfig, add_arguments, build
+from ..configuration import add_arguments, build
+
+from ..train.config import ExpertConfig
 
 
 def register(sub) -> None:

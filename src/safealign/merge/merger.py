@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir, check_output_free, write_manifest
-from ..configuration import MergeConfig, to_dict
+from ..configuration import to_dict
+from .config import MergeConfig
 from ..errors import SafealignError
 from ..lora import save_lora
 from ..utils import logger

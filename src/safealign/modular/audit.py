@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ..artifacts import write_json_atomic
-from ..configuration import AuditConfig, to_dict
+from ..configuration import to_dict
+from .config import AuditConfig
 from ..errors import SafealignError
 
 FLAGGED_EXIT = 1

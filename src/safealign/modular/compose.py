@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
-from ..configuration import ComposeConfig, to_dict
+from ..configuration import to_dict
+from .config import ComposeConfig
 from ..errors import SafealignError
 from ..lora import WEIGHT_NAME, load_lora, save_lora, validate_for_model
 from ..utils import logger

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..artifacts import write_json_atomic
-from ..configuration import ExpertConfig, FinetuneConfig, MergeConfig, from_dict, load_yaml
+from ..configuration import from_dict, load_yaml
+from ..train.config import ExpertConfig, FinetuneConfig
+from ..merge.config import MergeConfig
 from ..errors import SafealignError
 from ..plugins import get_plugin
 from ..utils import logger, sha256_text
@@ -116,7 +118,7 @@ def check_sections(cfg: dict, source: str) -> None:
     """Unknown options in any section fail now, not after hours of earlier stages."""
     import dataclasses
 
-    from ..configuration import AuditConfig
+    from ..modular.config import AuditConfig
     from ..data.config import ImagesConfig, PromptsConfig
     from ..evaluate.config import EvaluateConfig
     classes = {"prompts": PromptsConfig, "dataset": ImagesConfig, "experts": ExpertConfig, "merge": MergeConfig,
@@ -276,7 +278,7 @@ def run(config_path: str, from_stage: str = "") -> Path:
 
     def do_audit():
         from ..modular.audit import audit
-        from ..configuration import AuditConfig
+        from ..modular.config import AuditConfig
         if not world and not r.section("audit").get("judge"):
             write_json_atomic(audit_file, {"skipped": "no judge: add an audit section with judge (and prompts)"})
             return

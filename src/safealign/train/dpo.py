@@ -15,7 +15,8 @@ import torch
 
 from ..artifacts import atomic_dir, check_output_free, write_manifest
 from ..backbone import Backbone, Conditioning, load_backbone, unet_forward
-from ..configuration import ExpertConfig, to_dict
+from ..configuration import to_dict
+from .config import ExpertConfig
 from ..data.dataset import PairedDataset
 from ..errors import SafealignError
 from ..lora import LoraSpec, WEIGHT_NAME, add_lora, lora_state_dict, save_lora

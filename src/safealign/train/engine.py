@@ -27,7 +27,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..configuration import TrainConfig, config_hash
+from ..configuration import config_hash
+
+from .config import TrainConfig
 from ..errors import SafealignError, TrainingDiverged
 from ..lora import lora_state_dict
 from ..utils import logger, progress

@@ -20,7 +20,8 @@ import torch
 
 from ..artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
 from ..backbone import Backbone, load_backbone, unet_forward
-from ..configuration import FinetuneConfig, to_dict
+from ..configuration import to_dict
+from .config import FinetuneConfig
 from ..data.dataset import _check_relative
 from ..errors import SafealignError
 from ..lora import WEIGHT_NAME, add_lora, load_lora, lora_state_dict, save_lora, validate_for_model
