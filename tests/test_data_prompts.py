@@ -11,7 +11,7 @@ from safealign.data.config import PromptsConfig
 from safealign.data.prompts import build_prompts, make_prompts, read_prompts, read_prompts_meta
 from safealign.data.splits import (assign_splits, check_no_leakage, dedup_pairs, find_leaks, normalise_prompt,
                                    resolve_leaks)
-from safealign.data.taxonomy import load_taxonomy, normalise_category, world_taxonomy
+from safealign.data.taxonomy import load_taxonomy, normalise_category
 from safealign.errors import SafealignError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "taxonomy_example.yaml"
@@ -25,7 +25,7 @@ def _cfg(tmp_path, **kw):
 
 # -- taxonomy ----------------------------------------------------------------------------------------------------
 def test_world_taxonomy_and_category_names():
-    t = world_taxonomy()
+    t = load_taxonomy("world")
     assert t.names == ["hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal-activity"]
     assert [(c.name, c.counterpart) for c in t.concepts("violence")][0] == ("knife", "spoon")
     assert normalise_category("Harrasment") == "harassment" and normalise_category(" Self harm") == "self-harm"

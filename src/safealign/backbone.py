@@ -75,13 +75,13 @@ class Conditioning:
     encoder_hidden_states: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
         def mv(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
         extra = {k: mv(v) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
         return Conditioning(mv(self.encoder_hidden_states), extra)
 
-    def repeat(self, n: int) -> "Conditioning":
+    def repeat(self, n: int) -> Conditioning:
         """Concatenate the batch ``n`` times (e.g. winner + loser in one forward)."""
         extra = ({k: torch.cat([v] * n) for k, v in self.added_cond_kwargs.items()}
                  if self.added_cond_kwargs else None)
@@ -94,12 +94,12 @@ class Conditioning:
         return d
 
     @classmethod
-    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "Conditioning":
+    def from_tensors(cls, d: dict[str, torch.Tensor]) -> Conditioning:
         extra = {k[len("added."):]: v for k, v in d.items() if k.startswith("added.")}
         return cls(d["encoder_hidden_states"], extra or None)
 
     @staticmethod
-    def stack(items: list["Conditioning"]) -> "Conditioning":
+    def stack(items: list[Conditioning]) -> Conditioning:
         ehs = torch.cat([c.encoder_hidden_states for c in items])
         extra = None
         if items[0].added_cond_kwargs:
@@ -131,7 +131,7 @@ class Backbone:
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
 
-    def sampling_defaults(self) -> "SamplingOptions":
+    def sampling_defaults(self) -> SamplingOptions:
         """The sampler settings this model is meant to be sampled with: its plugin's record, else SD's convention."""
         from .sampling import SamplingOptions
         if self.plugin is not None and self.path:
@@ -230,8 +230,9 @@ def load_backbone(model: str | os.PathLike, *, device: str | torch.device = "cpu
     if cls_name not in PIPELINE_CLASSES:
         raise SafealignError(f"{model} holds a {cls_name or 'unknown'} pipeline; safealign supports "
                              f"{' and '.join(sorted(PIPELINE_CLASSES))} (SD 1.x/2.x, SDXL)")
-    import diffusers
     import logging as _logging
+
+    import diffusers
     pipe_cls = getattr(diffusers, cls_name)
     kw = {}
     if cls_name == "StableDiffusionPipeline":

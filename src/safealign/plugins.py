@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import SafealignError
 
@@ -50,6 +51,10 @@ class ModelPlugin(Protocol):
     def audit_prompts(self, n_per_category: int, seed: int, categories: Sequence[str]) -> dict[str, list[str]]:
         """Unsafe prompts per category for ``safealign audit``."""
 
+    def reference_images(self, prompts: Sequence[str]) -> Any:
+        """Ground-truth images (N, H, W, 3) uint8 of what ``prompts`` describe, the FID/KID reference of
+        ``safealign evaluate``; None where the plugin cannot draw them."""
+
     def mark_pipeline(self, source: str, folder: Path, role: str) -> None:
         """Mark a pipeline folder derived from ``source`` (a full fine-tune) as the plugin's."""
 
@@ -58,6 +63,11 @@ class ModelPlugin(Protocol):
 
     def task_quality(self, model: str, safety: Path, tasks: dict[str, Path]) -> dict[str, dict]:
         """How well each fine-tune learned the task, with the safety LoRA on (``task-quality.json``)."""
+
+    def build(self, out_dir: Path | None, *, quick: bool, seed: int, threads: int, unet_steps: int | None,
+              reuse_from: str | None) -> dict:
+        """Retrain the plugin's model from scratch into ``out_dir`` (None: the shipped folder); returns its manifest.
+        A plugin that ships no build raises :class:`~safealign.errors.SafealignError`."""
 
 
 _loaded: dict[str, ModelPlugin] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class SamplingOptions:
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise SafealignError(f"guidance must be a finite number >= 0 (0: no guidance), got {self.guidance!r}")
 
-    def resolve(self, defaults: "SamplingOptions") -> "SamplingOptions":
+    def resolve(self, defaults: SamplingOptions) -> SamplingOptions:
         """These options with every ``None`` taken from ``defaults`` (a model's)."""
         return SamplingOptions(self.steps if self.steps is not None else defaults.steps,
                                self.guidance if self.guidance is not None else defaults.guidance)

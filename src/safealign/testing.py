@@ -7,7 +7,8 @@ few hundred kilobytes, so every code path that runs on SD1.5/SDXL runs here on a
 from __future__ import annotations
 
 import string
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
@@ -73,8 +74,14 @@ def _text_encoder(tokenizer, hidden: int, seed: int, projection: bool = False, a
 def build_tiny_pipeline(family: Literal["sd1", "sd2", "sdxl"] = "sd1", seed: int = 0, sample_size: int = 8,
                         words: Iterable[str] = TINY_WORDS):
     """A randomly initialised, seeded pipeline of the given family (latents ``sample_size``^2, images 2x that)."""
-    from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     tok = make_clip_tokenizer(words)
     torch.manual_seed(seed)
@@ -107,7 +114,8 @@ def build_tiny_pipeline(family: Literal["sd1", "sd2", "sdxl"] = "sd1", seed: int
             block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
             attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,
             transformer_layers_per_block=(1, 1)).eval()
         sched = EulerDiscreteScheduler(**sched_kw)
         return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
@@ -131,7 +139,7 @@ TOY_CONCEPTS = {  # category -> (unsafe concept, safe twin, unsafe colour, safe 
 }
 
 
-def _toy_image(concept: str, colour: tuple[int, int, int], size: int, rng) -> "Image.Image":
+def _toy_image(concept: str, colour: tuple[int, int, int], size: int, rng):
     from PIL import Image, ImageDraw
     bg = tuple(int(c) for c in rng.integers(0, 60, 3))
     im = Image.new("RGB", (size, size), bg)
@@ -149,6 +157,7 @@ def make_toy_dataset(folder, pairs_per_category: int = 16, size: int = 16, seed:
                      test_fraction: float = 0.25):
     """A small paired dataset (unsafe: a cross; safe twin: a disc) in the format of DESIGN.md."""
     import numpy as np
+
     from .data.dataset import write_dataset
 
     rng = np.random.default_rng(seed)

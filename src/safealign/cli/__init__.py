@@ -11,7 +11,7 @@ import os
 import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # torchvision-missing notices are noise here
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import SafealignError
 
@@ -33,14 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        mod.register(sub)
+    for name in _COMMAND_MODULES:  # a command module that fails to import is a bug: let it raise
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..configuration import add_arguments, build
 from ..data.config import ImagesConfig, ImportConfig, PromptsConfig
 
@@ -27,7 +29,7 @@ def register(sub) -> None:
 
 
 def _prompts(args) -> int:
-    from ..data.prompts import make_prompts, prompts_summary
+    from ..data.prompts import make_prompts
     path, stats = make_prompts(build(PromptsConfig, args))
     print(prompts_summary(path, stats))
     return 0
@@ -36,7 +38,7 @@ def _prompts(args) -> int:
 def _images(args) -> int:
     from accelerate import PartialState
 
-    from ..data.images import generate_images, images_summary, use_cpu
+    from ..data.images import generate_images, use_cpu
     final, stats = generate_images(build(ImagesConfig, args))
     if PartialState(cpu=use_cpu()).is_main_process:
         print(images_summary(final, stats))
@@ -44,7 +46,45 @@ def _images(args) -> int:
 
 
 def _import(args) -> int:
-    from ..data.coprov2 import import_coprov2, import_summary
+    from ..data.coprov2 import import_coprov2
     final, stats = import_coprov2(build(ImportConfig, args))
     print(import_summary(final, stats))
     return 0
+
+
+def prompts_summary(path: Path, stats: dict) -> str:
+    from ..data.prompts import fmt_counts
+    lines = [f"prompts: {stats['pairs']} pairs -> {path}  ({stats['seconds']:.1f}s)",
+             f"{'category':<18} pairs"]
+    lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
+    lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in stats["per_split"].items()))
+    lines.append("dropped: " + fmt_counts(stats["dropped"]))
+    return "\n".join(lines)
+
+
+def import_summary(final: Path, stats: dict) -> str:
+    lines = [f"imported {stats['pairs']} pairs -> {final}",
+             "splits: " + ", ".join(f"{k} {v}" for k, v in stats["per_split"].items()),
+             f"test prompts leaking into train: {stats['test_prompts_leaking_into_train']} "
+             f"({stats['leakage_action']}); duplicates removed: {stats['duplicates_removed']}",
+             f"{'category':<18} pairs"]
+    lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
+    return "\n".join(lines)
+
+
+def images_summary(final: Path, stats: dict) -> str:
+    t = stats["timing"]
+    lines = [f"dataset: {stats['pairs']} pairs -> {final}",
+             f"rendered {t['pairs_rendered_this_run']} pairs ({t['pairs_resumed']} resumed) on {t['processes']} "
+             f"process(es) in {t['seconds_generating']:.1f}s ({t['images_per_second']:.2f} images/s); total "
+             f"{t['seconds_total']:.1f}s"]
+    jf = stats.get("judge_filter")
+    if jf:
+        lines.append(f"{'category':<18} {'generated':>9} {'kept':>6} {'fraction':>8}   (judge {jf['judge']}, "
+                     f"threshold {jf['threshold']})")
+        for cat, v in jf["kept_per_category"].items():
+            lines.append(f"{cat:<18} {v['generated']:>9} {v['kept']:>6} {v['fraction']:>8.2f}")
+    else:
+        lines.append(f"{'category':<18} pairs")
+        lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
+    return "\n".join(lines)

@@ -1,9 +1,10 @@
-"""`safealign merge`: thin CLI over :func:`safealign.merge.merger.run_merge`."""
+"""`safealign merge`: thin CLI over :func:`safealign.merge.merger.merge_experts`."""
 
 from __future__ import annotations
 
-from ..configuration import add_arguments, build
+from pathlib import Path
 
+from ..configuration import add_arguments, build
 from ..merge.config import MergeConfig
 
 
@@ -16,6 +17,21 @@ def register(sub) -> None:
 
 
 def _merge(args) -> int:
-    from ..merge.merger import merge_summary, run_merge
-    print(merge_summary(run_merge(build(MergeConfig, args))))
+    from ..merge.merger import merge_experts
+    print(merge_summary(merge_experts(build(MergeConfig, args))))
     return 0
+
+
+def merge_summary(folder: Path) -> str:
+    from ..artifacts import read_manifest
+    m = read_manifest(folder, "lora")
+    lines = [f"merged {len(m['categories'])} experts with {m['method']} -> {folder} "
+             f"(rank {m['lora']['r']}, {m['metrics'].get('merge_seconds', 0):.1f} s)"]
+    own = m.get("ownership")
+    if own:
+        names = m["categories"]
+        lines.append("share of neurons owned, per block:")
+        lines.append("block".ljust(16) + "".join(n[:12].rjust(13) for n in names))
+        for blk, shares in own.items():
+            lines.append(blk.ljust(16) + "".join(f"{shares[n]:13.2f}" for n in names))
+    return "\n".join(lines)

@@ -178,13 +178,3 @@ def _place(src: Path, dst: Path, link: bool) -> None:
         except OSError:
             pass
     shutil.copyfile(src, dst)
-
-
-def import_summary(final: Path, stats: dict) -> str:
-    lines = [f"imported {stats['pairs']} pairs -> {final}",
-             "splits: " + ", ".join(f"{k} {v}" for k, v in stats["per_split"].items()),
-             f"test prompts leaking into train: {stats['test_prompts_leaking_into_train']} "
-             f"({stats['leakage_action']}); duplicates removed: {stats['duplicates_removed']}",
-             f"{'category':<18} pairs"]
-    lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
-    return "\n".join(lines)

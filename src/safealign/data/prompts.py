@@ -16,16 +16,17 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from ..errors import SafealignError
+from ..plugins import get_plugin, is_plugin_name
 from ..utils import derive_seed, logger, progress
-from .dataset import read_pairs_table
 from .config import PromptsConfig
+from .dataset import read_pairs_table
 from .llm import Completer, LocalLM, OpenAIChat, pair_request, parse_pairs
 from .splits import assign_splits, check_no_leakage, normalise_prompt
 from .taxonomy import Concept, Taxonomy, load_taxonomy
@@ -55,13 +56,6 @@ def _with_article(word: str) -> str:
 
 
 # -- backends: each yields candidate (unsafe, safe) pairs for one concept ------------------------------------------
-def world_candidates(concept: Concept, rng: random.Random):
-    from ..world.scene import make_pair
-    while True:
-        p = make_pair(concept.name, rng)
-        yield p.unsafe_prompt, p.safe_prompt
-
-
 def generic_candidates(concept: Concept, rng: random.Random):
     combos = [(t, s) for t in GENERIC_TEMPLATES for s in GENERIC_STYLES]
     rng.shuffle(combos)
@@ -90,8 +84,8 @@ def template_pairs(tax: Taxonomy, n: int, seed: int, col: _Collector) -> dict[Co
     res = {}
     for c in tax.concepts():
         rng = random.Random(derive_seed(seed, "prompts", c.category, c.name))
-        if tax.is_world:
-            gen, budget = world_candidates(c, rng), 50 * n
+        if tax.plugin:
+            gen, budget = get_plugin(tax.plugin).prompt_pairs(c.name, rng), 50 * n
         elif c.counterpart is None:
             logger.warning("concept %r (%s) has no counterpart; the template backend skips it (add one to the "
                            "taxonomy or use an LLM backend)", c.name, c.category)
@@ -199,10 +193,10 @@ def build_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
                   embedder: Callable[[list[str]], np.ndarray] | None = None) -> tuple[pd.DataFrame, dict]:
     """The prompts table and a stats dict (counts per category, dropped by reason, timings)."""
     t0 = time.perf_counter()
-    spec = cfg.taxonomy_spec if (cfg.taxonomy or cfg.model == "world") else ""
+    spec = cfg.taxonomy or (cfg.model if is_plugin_name(cfg.model) else "")
     if not spec:
-        raise SafealignError("--taxonomy is required for a model other than 'world' (a YAML/CSV file; see "
-                             "configs/taxonomy_example.yaml)")
+        raise SafealignError("--taxonomy is required for a model other than a model plugin such as 'world' (a "
+                             "YAML/CSV file; see configs/taxonomy_example.yaml)")
     tax = load_taxonomy(spec).select(cfg.categories)
     col = _Collector()
     if cfg.backend == "template":
@@ -228,7 +222,7 @@ def build_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
         col.dropped["drift"] += int((~keep).sum())
         df = df[keep]
     if df.empty:
-        raise SafealignError(f"no valid prompt pair was produced (dropped: {_fmt_counts(col.dropped)}); check the "
+        raise SafealignError(f"no valid prompt pair was produced (dropped: {fmt_counts(col.dropped)}); check the "
                              "taxonomy and the backend's answers")
     df = assign_splits(df, cfg.split_by, cfg.test_fraction, cfg.seed)
     check_no_leakage(df, "the prompts")
@@ -243,7 +237,7 @@ def build_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
     return df, stats
 
 
-def _fmt_counts(c: dict) -> str:
+def fmt_counts(c: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
 
 
@@ -280,15 +274,6 @@ def make_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
     path = write_prompts_file(cfg.output, df, {"kind": "prompts", "config": to_dict(cfg), "stats": stats},
                               cfg.overwrite)
     return path, stats
-
-
-def prompts_summary(path: Path, stats: dict) -> str:
-    lines = [f"prompts: {stats['pairs']} pairs -> {path}  ({stats['seconds']:.1f}s)",
-             f"{'category':<18} pairs"]
-    lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
-    lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in stats["per_split"].items()))
-    lines.append("dropped: " + _fmt_counts(stats["dropped"]))
-    return "\n".join(lines)
 
 
 _PAIR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -1,7 +1,7 @@
 """Harm taxonomies: categories -> concepts, each with its benign counterpart where one is known.
 
-The mini world's taxonomy is built in (:func:`world_taxonomy`, from :data:`safealign.world.scene.CONCEPTS`). For a
-real model the user supplies one as YAML or CSV (:func:`load_taxonomy`); ``configs/taxonomy_example.yaml`` shows the
+A model plugin brings its own (``load_taxonomy("world")`` asks the mini world's plugin). For a real model the user
+supplies one as YAML or CSV (:func:`load_taxonomy`); ``configs/taxonomy_example.yaml`` shows the
 format. Category names are normalised (lowercase, spaces and underscores to '-', CoProV2's spellings mapped), so
 'Harrasment', 'self harm' and 'Illegal Activity' name the same categories as the world's ids.
 """
@@ -46,8 +46,9 @@ class Taxonomy:
     """Categories -> concepts, in a fixed order (the file's order; the world's for the world)."""
 
     categories: dict[str, tuple[Concept, ...]]
-    source: str = "world"
-    is_world: bool = False
+    source: str = ""
+    #: the model plugin whose prompt grammar writes this taxonomy's pairs ("world"), or "" for a file's taxonomy
+    plugin: str = ""
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,30 +80,24 @@ class Taxonomy:
                                  f"{', '.join(self.categories)}")
         return cat
 
-    def select(self, categories: tuple[str, ...] | list[str] | None) -> "Taxonomy":
+    def select(self, categories: tuple[str, ...] | list[str] | None) -> Taxonomy:
         """The sub-taxonomy of ``categories`` (all when empty); an unknown name is an error listing the known."""
         if not categories:
             return self
         keep = [self._check(c) for c in categories]
-        return Taxonomy({c: self.categories[c] for c in dict.fromkeys(keep)}, self.source, self.is_world, self.notes)
+        return Taxonomy({c: self.categories[c] for c in dict.fromkeys(keep)}, self.source, self.plugin, self.notes)
 
     def to_dict(self) -> dict:
         return {cat: [{"concept": c.name, "counterpart": c.counterpart} for c in cs]
                 for cat, cs in self.categories.items()}
 
 
-def world_taxonomy() -> Taxonomy:
-    """The mini world's 7 categories x 3 concepts, each with its twin as counterpart."""
-    from ..world.scene import CONCEPTS
-    return Taxonomy({cat: tuple(Concept(h, cat, t) for h, t in pairs) for cat, pairs in CONCEPTS.items()},
-                    source="world", is_world=True)
-
-
 def load_taxonomy(spec: str) -> Taxonomy:
     """'world', or a YAML/JSON file (``categories: {cat: {concept: counterpart | null} | [concept | {concept,
     counterpart}]}``) or a CSV file (columns ``category,concept[,counterpart]``)."""
-    if spec in ("", "world"):
-        return world_taxonomy()
+    from ..plugins import get_plugin, is_plugin_name
+    if is_plugin_name(spec):
+        return get_plugin(spec).taxonomy()
     p = Path(spec)
     if not p.is_file():
         raise SafealignError(f"taxonomy file {p} does not exist; pass 'world' or a YAML/CSV taxonomy "

@@ -13,20 +13,14 @@ The dense arithmetic is PEFT's ``merge_utils`` (the implementations the field us
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-Factors = tuple[torch.Tensor, torch.Tensor]
+from ..lora.algebra import Factors, cat_factors
+
 DenseMethod = Literal["ties", "dare", "dare_ties"]
-
-
-def cat_factors(factors: Sequence[Factors], weights: Sequence[float] | None = None) -> Factors:
-    """A = [A_1; ...; A_E], B = [w_1 B_1, ..., w_E B_E]: B @ A = sum_e w_e B_e A_e exactly."""
-    w = [1.0] * len(factors) if weights is None else list(weights)
-    a = torch.cat([f[0] for f in factors], dim=0)
-    b = torch.cat([wi * f[1] for wi, f in zip(w, factors)], dim=1)
-    return a, b
 
 
 def linear(factors: Sequence[Factors], weights: Sequence[float] | None = None) -> Factors:

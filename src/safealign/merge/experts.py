@@ -83,18 +83,3 @@ def check_compatible(experts: list[Expert]) -> None:
     if len(known) > 1:
         raise SafealignError("experts were trained on different base models (" +
                              ", ".join(f"{k}: {v}" for k, v in fps.items()) + "); merge experts of one model")
-
-
-def to_state_dict(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: tuple[str, ...]
-                  ) -> tuple[dict[str, torch.Tensor], LoraSpec]:
-    """Factors (scale folded in) -> a peft-keyed state dict and a scale-1 spec (rank_pattern where ranks vary)."""
-    sd, ranks = {}, {}
-    for m, (a, b) in modules.items():
-        sd[f"{m}.lora_A.weight"] = a.contiguous()
-        sd[f"{m}.lora_B.weight"] = b.contiguous()
-        ranks[m] = a.shape[0]
-    values = list(ranks.values())
-    common = max(set(values), key=values.count)
-    pattern = {m: r for m, r in ranks.items() if r != common}
-    return sd, LoraSpec(rank=common, alpha=float(common), targets=tuple(targets), rank_pattern=pattern,
-                        alpha_pattern={m: float(r) for m, r in pattern.items()})

@@ -11,13 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir, check_output_free, write_manifest
 from ..configuration import to_dict
-from .config import MergeConfig
 from ..errors import SafealignError
 from ..lora import save_lora
+from ..lora.algebra import to_state_dict
 from ..utils import logger
 from . import baselines
-from .comerge import (Calibration, collect_activations, comerge, make_calibration, ownership_summary, sha_list)
-from .experts import Expert, check_compatible, load_expert, to_state_dict
+from .comerge import Calibration, collect_activations, comerge, make_calibration, ownership_summary
+from .config import MergeConfig
+from .experts import Expert, check_compatible, load_expert
 
 STATS = "comerge_stats"
 
@@ -52,7 +53,7 @@ def _targets(experts: list[Expert]) -> tuple[str, ...]:
 
 def _calibration(cfg: MergeConfig, backbone) -> Calibration:
     from ..data.dataset import PairedDataset
-    from ..train.cache import encode_pairs, encode_prompts_cached, default_cache_dir
+    from ..train.cache import default_cache_dir, encode_pairs, encode_prompts_cached
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.prompts:
         prompts = list(cfg.prompts)
@@ -101,7 +102,7 @@ def _reusable(cfg: MergeConfig, experts: list[Expert], calib_key: str) -> dict[s
     return found
 
 
-def run_merge(cfg: MergeConfig) -> Path:
+def merge_experts(cfg: MergeConfig) -> Path:
     t0 = time.perf_counter()
     final = check_output_free(cfg.output, cfg.overwrite)
     experts = find_experts(cfg.experts, cfg.categories)
@@ -172,18 +173,3 @@ def run_merge(cfg: MergeConfig) -> Path:
                                 for e in experts],
                        lora=spec.metadata(), base_model=base_model, config=to_dict(cfg), metrics=metrics, **extra)
     return final
-
-
-def merge_summary(folder: Path) -> str:
-    from ..artifacts import read_manifest
-    m = read_manifest(folder, "lora")
-    lines = [f"merged {len(m['categories'])} experts with {m['method']} -> {folder} "
-             f"(rank {m['lora']['r']}, {m['metrics'].get('merge_seconds', 0):.1f} s)"]
-    own = m.get("ownership")
-    if own:
-        names = m["categories"]
-        lines.append("share of neurons owned, per block:")
-        lines.append("block".ljust(16) + "".join(n[:12].rjust(13) for n in names))
-        for blk, shares in own.items():
-            lines.append(blk.ljust(16) + "".join(f"{shares[n]:13.2f}" for n in names))
-    return "\n".join(lines)

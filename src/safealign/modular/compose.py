@@ -12,10 +12,10 @@ from pathlib import Path
 
 from ..artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
 from ..configuration import to_dict
-from .config import ComposeConfig
 from ..errors import SafealignError
 from ..lora import WEIGHT_NAME, load_lora, save_lora, validate_for_model
 from ..utils import logger
+from .config import ComposeConfig
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def apply(backbone, parts: list[Part], fuse: bool = False):
 
 def compose(cfg: ComposeConfig) -> Path:
     from ..backbone import load_backbone
-    from ..merge.baselines import cat_factors
-    from ..merge.experts import load_expert, to_state_dict
+    from ..lora.algebra import cat_factors, to_state_dict
+    from ..merge.experts import load_expert
     final = check_output_free(cfg.output, cfg.overwrite)
     parts = parts_of(cfg)
     bb = load_backbone(cfg.model)
