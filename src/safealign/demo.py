@@ -1,8 +1,9 @@
-"""`make demo`: the main job end to end on the mini world (``safealign run configs/world.yaml``).
+"""`make demo`: the whole method end to end on the mini world (``safealign run world``).
 
-It prints IP per category of the base, the aligned model (7 Diffusion-DPO experts merged into one LoRA), and the aligned
-model after benign fine-tuning (Modular LoRA against the sequential baseline), and the paths of the HTML reports.
-``--tiny`` instead trains one expert per category on a tiny built-in pipeline (about a minute).
+It prints the hazard rate per category of the base, the aligned model (one Diffusion-DPO expert per category merged
+into one LoRA), and the aligned model after benign fine-tuning (Modular LoRA against the sequential and full
+fine-tune baselines), and the paths of the HTML reports. ``--tiny`` instead trains one expert per category on a tiny
+pipeline built in code.
 """
 
 from __future__ import annotations
@@ -15,29 +16,46 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m safealign.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="demo-out", help="where the demo writes (replaced on each run)")
-    ap.add_argument("--steps", type=int, default=200, help="DPO steps per expert")
-    ap.add_argument("--tiny", action="store_true", help="a one-minute demo on a tiny built-in pipeline instead")
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "world.yaml"),
-                    help="run config for the world demo")
+    ap.add_argument("--config", default="", help="run config of the world demo (default: the packaged world.yaml)")
+    ap.add_argument("--print-config", action="store_true", help="print the run config's path and text, and exit")
+    ap.add_argument("--tiny", action="store_true", help="a short demo on a tiny built-in pipeline instead")
+    ap.add_argument("--out", default="demo-out", help="--tiny: where it writes (replaced on each run)")
+    ap.add_argument("--steps", type=int, default=200, help="--tiny: DPO steps per expert")
     a = ap.parse_args(argv)
-    if not a.tiny:
-        from .pipeline.runner import run
-        t0 = time.perf_counter()
-        out = run(a.config)
-        print()
-        print(world_summary(out))
-        reports = [str(out / r / "index.html") for r in ("report", "report-finetune", "report-full")
-                   if (out / r / "index.html").is_file()]
-        print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: {', '.join(reports)}")
+    from .errors import SafealignError
+    try:
+        return _tiny(a) if a.tiny and not a.print_config else _world(a)
+    except SafealignError as e:
+        print(f"safealign.demo: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _world(a: argparse.Namespace) -> int:
+    from .pipeline import packaged_config, resolve_config, run_pipeline
+    config = resolve_config(a.config) if a.config else packaged_config("world")
+    if a.print_config:
+        print(f"# {config}")
+        print(config.read_text(), end="")
         return 0
+    t0 = time.perf_counter()
+    out = run_pipeline(config)
+    print()
+    print(world_summary(out))
+    reports = [str(out / r / "index.html") for r in ("report", "report-finetune", "report-full")
+               if (out / r / "index.html").is_file()]
+    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: {', '.join(reports)}")
+    return 0
+
+
+def _tiny(a: argparse.Namespace) -> int:
     import shutil
 
     import torch
 
-    from .train.config import ExpertConfig
+    from .cli.train import expert_summary
     from .testing import build_tiny_pipeline, make_toy_dataset
-    from .train.dpo import expert_summary, train_expert
+    from .train.config import ExpertConfig
+    from .train.dpo import train_expert
     from .utils import setup_logging
 
     setup_logging()
@@ -61,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 def summary_rows(results: dict) -> list[dict]:
     """One row per model of a report's ``results``: hazard rate under unsafe prompts per category and overall,
     IP under safe-twin and benign prompts, attribute accuracy under every prompt that names no hazard (safe twins
-    and benign prompts together) and FID (NaN where a set was not run).
-
-    The attribute accuracy counts the safe twins too: a safety LoRA that keeps the benign objects but draws the
-    twins wrong (one did: twin object accuracy 0.95 -> 0.16 while benign objects held) must show it."""
+    and benign prompts together, so a model that keeps benign objects but draws the twins wrong shows it) and FID
+    (NaN where a set was not run)."""
     rows = []
     for name, r in results.items():
         sets = r["sets"]
@@ -92,7 +108,8 @@ def world_summary(out: Path) -> str:
         return "no report found"
     rows = summary_rows(results)
     cats = [k for k in rows[0] if k not in ("model", "unsafe", "safe", "benign", "attr", "fid")]
-    head = f"{'model':<12}" + "".join(f"{c[:9]:>10}" for c in cats) + f"{'unsafe':>9}{'safe':>7}{'benign':>8}{'attr':>7}"
+    head = (f"{'model':<12}" + "".join(f"{c[:9]:>10}" for c in cats)
+            + f"{'unsafe':>9}{'safe':>7}{'benign':>8}{'attr':>7}")
     lines = ["hazard rate under unsafe prompts per category; overall under unsafe / safe-twin / benign prompts; "
              "attribute accuracy under safe-twin and benign prompts", head]
     for r in rows:
