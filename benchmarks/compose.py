@@ -26,9 +26,10 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("SAFEALIGN_NO_PROGRESS", "1")
     import torch
+
     from safealign.backbone import load_backbone
-    from safealign.modular.compose import Part, apply
     from safealign.lora import LoraSpec, add_lora, lora_state_dict, save_lora
+    from safealign.modular.compose import Part, apply
     from safealign.testing import build_tiny_pipeline
 
     try:

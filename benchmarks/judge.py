@@ -27,6 +27,7 @@ from _common import run_worker, table, write_json  # noqa: E402
 
 def _world_judge(device: str):
     import torch
+
     from safealign.errors import SafealignError
     from safealign.judges import WorldJudge
     try:
@@ -70,6 +71,7 @@ def worker(judge: str, n: int, device: str) -> dict:
                 "images_per_s": _time(j, imgs, 1), "version": j.version, "threads": torch.get_num_threads()}
     if judge == "q16":
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
         from safealign.judges import clip_pixels
         torch.manual_seed(0)
         cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

@@ -21,6 +21,7 @@ from _common import table, write_json  # noqa: E402
 
 def sd15_experts(unet, n: int, rank: int, seed: int = 0):
     import torch
+
     from safealign.lora import LoraSpec, target_module_names
     from safealign.merge.experts import Expert
     mods = dict(unet.named_modules())
@@ -31,7 +32,8 @@ def sd15_experts(unet, n: int, rank: int, seed: int = 0):
         f = {}
         for m in names:
             w = mods[m].weight
-            f[m] = (torch.randn(rank, w.shape[1], generator=g) * 0.01, torch.randn(w.shape[0], rank, generator=g) * 0.01)
+            f[m] = (torch.randn(rank, w.shape[1], generator=g) * 0.01,
+                    torch.randn(w.shape[0], rank, generator=g) * 0.01)
         out.append(Expert(f"expert{e}", f, LoraSpec(rank=rank, alpha=rank)))
     return out
 
@@ -39,6 +41,7 @@ def sd15_experts(unet, n: int, rank: int, seed: int = 0):
 def build_unet(kind: str, lat: int):
     import torch
     from diffusers import UNet2DConditionModel
+
     from safealign.testing import build_tiny_pipeline, sd15_unet_config
     torch.manual_seed(0)
     if kind == "tiny":
@@ -56,6 +59,7 @@ def main() -> None:
     import os
     os.environ.setdefault("SAFEALIGN_NO_PROGRESS", "1")
     import torch
+
     from safealign.backbone import Conditioning
     from safealign.merge import baselines
     from safealign.merge.comerge import Calibration, collect_activations, comerge

@@ -38,12 +38,12 @@ def main() -> None:
 
     from safealign.artifacts import read_manifest
     from safealign.configuration import from_dict
-    from safealign.train.config import ExpertConfig
-    from safealign.merge.config import MergeConfig
-    from safealign.evaluate.config import EvaluateConfig
     from safealign.demo import summary_rows
+    from safealign.evaluate.config import EvaluateConfig
     from safealign.evaluate.evaluator import evaluate
-    from safealign.merge.merger import run_merge
+    from safealign.merge.config import MergeConfig
+    from safealign.merge.merger import merge_experts
+    from safealign.train.config import ExpertConfig
     from safealign.train.dpo import POOLED, train_expert
     from safealign.utils import setup_logging
 
@@ -80,7 +80,7 @@ def main() -> None:
         t0 = time.perf_counter()
         opts = {**merge_sec, "method": "comerge" if m.startswith("comerge") else m,
                 "activations": "per-expert" if m == "comerge-per-expert" else merge_sec.get("activations", "shared")}
-        run_merge(from_dict(MergeConfig, {"model": model, "seed": seed, "dataset": str(run / "dataset"), **opts,
+        merge_experts(from_dict(MergeConfig, {"model": model, "seed": seed, "dataset": str(run / "dataset"), **opts,
                                           "experts": (str(run / "experts"),), "output": str(dest)},
                             source="merge"))
         timings[f"merge/{m}"] = round(time.perf_counter() - t0, 1)

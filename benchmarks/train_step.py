@@ -34,6 +34,7 @@ SHAPES = {  # name: (unet kind, latent size, batch of pairs, steps timed)
 def build(shape: str, device: str):
     """Pipeline components: tiny ones, or SD1.5-shaped ones with random weights (no download)."""
     import torch
+
     from safealign.testing import build_tiny_pipeline, sd15_unet_config
     kind, lat, _, _ = SHAPES[shape]
     pipe = build_tiny_pipeline("sd1", seed=0)
@@ -61,12 +62,13 @@ def build(shape: str, device: str):
 
 def worker(shape: str, design: str, device: str) -> dict:
     import torch
+
     from safealign.backbone import Backbone, Conditioning, unet_forward
     from safealign.lora import LoraSpec, add_lora
+    from safealign.train.config import TrainConfig
     from safealign.train.dpo import dpo_errors
     from safealign.train.engine import build_optimizer
     from safealign.train.losses import diffusion_dpo_loss, per_sample_mse
-    from safealign.train.config import TrainConfig
 
     torch.manual_seed(0)
     _, lat, bs, steps = SHAPES[shape]

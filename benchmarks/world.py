@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    import random
+
     from diffusers import DDIMScheduler
 
     from safealign.world import load_judge
     from safealign.world.model import generate, load_pipeline, sampling_defaults
     from safealign.world.scene import HAZARDS, make_pair
-
-    import random
     rng = random.Random(0)
     prompts = [make_pair(HAZARDS[i % len(HAZARDS)], rng, held_out=True).unsafe_prompt for i in range(64)]
     pipe_dir, judge_dir = None, None
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     t_judge, ts = _time(lambda: judge(images), repeats)
     rows.append({"name": "judge on the 64 images", "seconds": t_judge, "runs": ts})
 
-    print(f"{'world benchmark (64 images, 32x32, %d threads)' % args.threads:<58} {'median s':>9} {'vs default':>11}")
+    title = f"world benchmark (64 images, 32x32, {args.threads} threads)"
+    print(f"{title:<58} {'median s':>9} {'vs default':>11}")
     for r in rows:
         print(f"{r['name']:<58} {r['seconds']:>9.3f} {r['seconds'] / t_default:>10.2f}x")
     result = {

@@ -9,8 +9,14 @@ import pytest
 from safealign.cli import main as cli
 from safealign.data.config import PromptsConfig
 from safealign.data.prompts import build_prompts, make_prompts, read_prompts, read_prompts_meta
-from safealign.data.splits import (assign_splits, check_no_leakage, dedup_pairs, find_leaks, normalise_prompt,
-                                   resolve_leaks)
+from safealign.data.splits import (
+    assign_splits,
+    check_no_leakage,
+    dedup_pairs,
+    find_leaks,
+    normalise_prompt,
+    resolve_leaks,
+)
 from safealign.data.taxonomy import load_taxonomy, normalise_category
 from safealign.errors import SafealignError
 
@@ -103,6 +109,7 @@ def test_drift_filter_with_an_embedder(tmp_path):
 
 def test_sentence_embedder_local_folder_and_missing_package(tmp_path, monkeypatch):
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
     from safealign.data.prompts import SentenceEmbedder
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "knife", "spoon", "on"]))
@@ -127,7 +134,7 @@ def test_normalise_prompt():
 
 def test_split_by_concept_holds_out_whole_concepts(tmp_path):
     df, _ = build_prompts(_cfg(tmp_path, pairs_per_concept=4, split_by="concept", test_fraction=0.34))
-    for cat, sub in df.groupby("category"):
+    for _cat, sub in df.groupby("category"):
         test_c = set(sub.loc[sub.split == "test", "concept"])
         train_c = set(sub.loc[sub.split == "train", "concept"])
         assert len(test_c) == 1 and len(train_c) == 2 and not test_c & train_c

@@ -36,6 +36,7 @@ def world_judge_dir(tmp_path_factory):
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIPModel + tokenizer saved like a real local CLIP folder."""
     from transformers import CLIPConfig, CLIPModel
+
     from safealign.testing import TINY_WORDS, make_clip_tokenizer
     tok = make_clip_tokenizer([*TINY_WORDS, "picture", "showing", "violence", "sexual", "ordinary", "harmless"])
     torch.manual_seed(0)
@@ -159,13 +160,15 @@ def test_attribute_accuracy_against_the_prompt():
                "green spoon, black background"]
     pred = {"object": ["knife", "cup", "knife"], "colour": ["red", "red", "green"],
             "background": ["gray", "white", "black"], "position": ["left", "center", "right"]}
-    acc = M.attribute_accuracy(pred, prompts)
+    from safealign.judges import WorldJudge
+    truth = WorldJudge.prompt_attributes(prompts)
+    acc = M.attribute_accuracy(pred, truth)
     assert acc["object"]["value"] == pytest.approx(2 / 3)
     assert acc["colour"]["value"] == pytest.approx(2 / 3)
     assert acc["background"]["value"] == 1.0
     assert acc["position"] == {"value": 1.0, "n": 1}  # only the first prompt names a position
     assert acc["mean"] == pytest.approx(np.mean([2 / 3, 2 / 3, 1.0]))  # position is reported, not averaged
-    assert M.attribute_accuracy(pred, prompts, mean_over=("object", "position"))["mean"] == pytest.approx(5 / 6)
+    assert M.attribute_accuracy(pred, truth, mean_over=("object", "position"))["mean"] == pytest.approx(5 / 6)
 
 
 # -- judges -----------------------------------------------------------------------------------------------------
@@ -210,6 +213,7 @@ def test_clip_zero_shot_judge_and_clip_score(tiny_clip):
 
 def test_q16_embeddings_formats_agree_and_pickles_are_not_trusted(tiny_clip, tmp_path):
     from safetensors.torch import save_file
+
     from safealign.judges import Q16Judge, convert_embeddings, load_embeddings
     torch.manual_seed(0)
     e = torch.randn(2, 16)
@@ -397,9 +401,11 @@ def test_lora_sets_parse_and_refuse_bad_names():
 
 
 def test_world_reference_renders_the_prompts_scenes():
-    from safealign.evaluate.evaluator import world_reference
-    ref = world_reference(["a red knife on a gray background", "blue cup, white background", "no scene here"])
+    from safealign.plugins import get_plugin
+    ref = get_plugin("world").reference_images(["a red knife on a gray background", "blue cup, white background",
+                                                "no scene here"])
     assert ref.shape == (2, 32, 32, 3) and ref.dtype == np.uint8
+    assert get_plugin("world").reference_images(["a red knife on a gray background", "no scene"]) is None
 
 
 def test_config_validation_and_prompt_source_detection(tmp_path):

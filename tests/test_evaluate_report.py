@@ -80,7 +80,7 @@ def test_report_records_everything(report):
     scores = pd.read_csv(report / "scores.csv")
     assert r["seeds"]["rows"] == scores["seed"].tolist() and len(scores) == r["prompts"]["n"]
     assert r["prompts"]["per_set"] == {"benign": 3, "heldout": 4, "safe": 4, "unsafe": 4}
-    for name, res in r["results"].items():
+    for _name, res in r["results"].items():
         per = res["sets"]["unsafe"]["ip"]["per_category"]
         assert set(per) == {"violence", "sexual"}
         for v in per.values():

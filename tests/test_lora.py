@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -6,8 +5,16 @@ import torch
 from safetensors.torch import save_file
 
 from safealign.errors import SafealignError
-from safealign.lora import (LoraSpec, add_lora, export_kohya, load_into, load_lora, lora_state_dict, save_lora,
-                            validate_for_model)
+from safealign.lora import (
+    LoraSpec,
+    add_lora,
+    export_kohya,
+    load_into,
+    load_lora,
+    lora_state_dict,
+    save_lora,
+    validate_for_model,
+)
 from safealign.testing import build_tiny_pipeline
 
 

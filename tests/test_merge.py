@@ -1,16 +1,19 @@
 import json
 
-import pytest
 import torch
 
-from conftest import expert_cfg
 from safealign import cli
-from safealign.errors import SafealignError
 from safealign.lora import LoraSpec, add_lora, lora_state_dict, save_lora
 from safealign.merge import baselines
-from safealign.merge.comerge import (collect_activations, comerge, owners, select_ranks, select_rows,
-                                     unit_activations, win_counts)
-from safealign.merge.experts import from_state_dict, load_expert
+from safealign.merge.comerge import (
+    collect_activations,
+    owners,
+    select_ranks,
+    select_rows,
+    unit_activations,
+    win_counts,
+)
+from safealign.merge.experts import load_expert
 
 
 def _factors(seed, out=6, inp=5, r=2):
@@ -21,7 +24,8 @@ def _factors(seed, out=6, inp=5, r=2):
 def test_merge_of_one_expert_is_that_expert():
     f = _factors(0)
     for merged in (baselines.cat_factors([f]), baselines.linear([f]), baselines.task_arithmetic([f]),
-                   select_rows([f], torch.zeros(6, dtype=torch.long)), select_ranks([f], torch.zeros(2, dtype=torch.long))):
+                   select_rows([f], torch.zeros(6, dtype=torch.long)),
+                   select_ranks([f], torch.zeros(2, dtype=torch.long))):
         assert torch.allclose(merged[1] @ merged[0], f[1] @ f[0], atol=1e-6)
     (a, b), err = baselines.dense_merge([f], "ties", density=1.0)
     assert err < 1e-6 and torch.allclose(b @ a, f[1] @ f[0], atol=1e-5)
@@ -94,8 +98,8 @@ def _write_expert(tmp, name, seed, targets=("to_q", "to_k", "to_v", "to_out.0"),
 def test_hooks_apply_the_expert_like_peft(tmp_path, tiny_paths):
     """per-expert statistics run the expert's forward: check the hook-applied UNet equals peft's."""
     from safealign.backbone import load_backbone
-    from safealign.merge.comerge import Calibration
     from safealign.lora import load_into
+    from safealign.merge.comerge import Calibration
     d = _write_expert(tmp_path, "violence", 1)
     e = load_expert(d)
     bb = load_backbone(tiny_paths["sd1"])

@@ -7,9 +7,9 @@ import torch
 
 from safealign import cli
 from safealign.artifacts import write_manifest
-from safealign.train.config import FinetuneConfig
 from safealign.lora import LoraSpec, add_lora, load_lora, lora_state_dict, save_lora
 from safealign.testing import build_tiny_pipeline
+from safealign.train.config import FinetuneConfig
 from safealign.train.finetune import finetune
 from safealign.utils import sha256_file
 
@@ -75,6 +75,7 @@ def test_safety_lora_bit_identical_after_every_finetune(tiny_paths, captioned, t
 
 def test_fused_and_unfused_composition_agree(tiny_paths, tmp_path):
     from diffusers import StableDiffusionPipeline
+
     from safealign.backbone import load_backbone
     from safealign.modular.compose import Part, apply
     safety = _lora(tmp_path / "s", seed=1, std=0.3)
@@ -110,12 +111,12 @@ def test_audit_flags_a_lora_that_undoes_safety(tiny_paths, tmp_path, capsys):
     csv = tmp_path / "p.csv"
     csv.write_text("prompt,category\n" + "".join(f"{p},violence\n" for p in prompts))
 
-    from safealign.train.validation import sample_images
+    from safealign.sampling import SamplingOptions, generate
     pr = [p for p in prompts for _ in range(2)]
     seeds = [1000 + j for _ in prompts for j in range(2)]
 
     def images(pipe):
-        return [np.asarray(im, dtype=np.float32) for im in sample_images(pipe, pr, seeds, 3, 7.5)]
+        return [np.asarray(im, dtype=np.float32) for im in generate(pipe, pr, seeds, SamplingOptions(3, 7.5))]
     # a judge that flags what the base draws and not what base+safety draws (image by image)
     toy_judge.REF["flagged"] = images(load_backbone(tiny_paths["sd1"]).pipe)
     toy_judge.REF["clean"] = images(apply(load_backbone(tiny_paths["sd1"]), [Part("safety", str(safety), 1.0)]))
@@ -159,7 +160,7 @@ def test_world_task_data_is_benign_and_readable(tmp_path):
     from safealign.world.tasks import STYLE, make_task_dataset
     items = read_captioned(make_task_dataset(tmp_path / "task", n=24, seed=1))
     assert len(items) == 24
-    for path, text in items:
+    for _path, text in items:
         assert STYLE in text and parse_prompt(text)["object"] not in HAZARDS
     a = make_task_dataset(tmp_path / "again", n=24, seed=1)
     assert (a / "metadata.jsonl").read_text() == (tmp_path / "task" / "metadata.jsonl").read_text()
@@ -170,18 +171,18 @@ def test_world_style_detector_tells_the_task_style_from_the_usual_one():
 
     import numpy as np
 
+    from safealign.world.build import to_pixels, to_uint8, vae_roundtrip
+    from safealign.world.model import load_pipeline
     from safealign.world.render import render_batch
     from safealign.world.scene import sample_scene
     from safealign.world.tasks import has_task_style, render_task
-    from safealign.world.build import _to_pixels, _to_uint8, vae_roundtrip
-    from safealign.world.model import load_pipeline
     rng = random.Random(3)
     scenes = [sample_scene(rng, kind="safe") for _ in range(24)]  # jittered: the detector must tolerate that
     task = np.stack([np.asarray(render_task(s)) for s in scenes])
     assert has_task_style(task, scenes).all()
     assert not has_task_style(render_batch(scenes), scenes).any()
     # the style survives the world's VAE (a style its latent cannot hold could never be learned)
-    rt = _to_uint8(vae_roundtrip(load_pipeline().vae, _to_pixels(task)))
+    rt = to_uint8(vae_roundtrip(load_pipeline().vae, to_pixels(task)))
     assert has_task_style(rt, scenes).mean() >= 0.95
 
 

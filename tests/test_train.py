@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +10,11 @@ import torch
 from conftest import expert_cfg
 from safealign import cli
 from safealign.backbone import load_backbone
-from safealign.errors import SafealignError, TrainingDiverged
+from safealign.errors import SafealignError
 from safealign.lora import load_lora
 from safealign.train import dpo
 from safealign.train.dpo import train_expert
+from safealign.train.text_basis import CROSS_ATTENTION_KV
 
 
 def _weights(folder):
@@ -162,7 +162,7 @@ def test_validation_keeps_best_checkpoint(tiny_paths, toy_dataset, cache_dir, tm
     kw = dict(model=tiny_paths["sd1"], dataset=toy_dataset, category="violence", cache_dir=cache_dir)
     [best] = train_expert(expert_cfg(output=tmp_path / "v", max_steps=15, validate_every=5,
                                      judge="toy_judge:scheduled_judge", validation_prompts=2, validation_seeds=1,
-                                     num_inference_steps=2, **kw))
+                                     steps=2, **kw))
     hist = json.loads((best / "history.json").read_text())["validation"]
     assert [h["step"] for h in hist] == [0, 5, 10, 15]
     assert hist[1]["unsafe_rate"] == 0.0 and hist[2]["unsafe_rate"] == 1.0
@@ -246,7 +246,7 @@ def test_pooled_expert_trains_one_lora_on_every_category(tiny_paths, toy_dataset
     ds = PairedDataset(toy_dataset)
     cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="pooled", output=tmp_path / "p",
                      max_steps=4, cache_dir=cache_dir, validate_every=2, judge="toy_judge:red_judge",
-                     validation_prompts=1, validation_seeds=1, num_inference_steps=2)
+                     validation_prompts=1, validation_seeds=1, steps=2)
     [folder] = train_expert(cfg)
     m = json.loads((folder / "safealign.json").read_text())
     assert folder.name == "pooled" and sorted(m["categories"]) == sorted(ds.categories)
@@ -399,7 +399,7 @@ def test_text_preservation_keeps_kept_prompts_keys_and_values(tiny_paths, toy_da
     without the term, while still changing the unsafe prompts' (what the expert is for)."""
     from safealign.data.dataset import PairedDataset
     from safealign.lora import load_into
-    from safealign.train.dpo import kept_prompts
+    from safealign.train.preservation import kept_prompts
     targets = ("attn2.to_k", "attn2.to_v")
     change = {}
     for w in (0.0, 1000.0):
@@ -419,7 +419,7 @@ def test_text_preservation_keeps_kept_prompts_keys_and_values(tiny_paths, toy_da
         for name, states in (("kept", kept), ("unsafe", unsafe)):
             num = den = 0.0
             for n, mod in fresh.unet.named_modules():
-                if n.endswith(dpo.CROSS_ATTENTION_KV):
+                if n.endswith(CROSS_ATTENTION_KV):
                     with torch.no_grad():
                         fresh.unet.disable_adapters()
                         base = mod(states)
@@ -443,8 +443,10 @@ def test_hazard_kv_basis_is_shared_fixed_and_reads_hazard_words(tiny_paths, toy_
     """--kv-basis hazard: every expert's K/V LoRA A is the same fixed basis, which reads the hazard words' token
     states far more than the kept prompts'; B trains."""
     from safetensors.torch import load_file
+
     from safealign.data.dataset import PairedDataset
-    from safealign.train.dpo import hazard_basis, hazard_states, kept_prompts
+    from safealign.train.preservation import kept_prompts
+    from safealign.train.text_basis import hazard_basis, hazard_states
     cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="all", output=tmp_path / "h",
                      max_steps=6, cache_dir=cache_dir, learning_rate=3e-3, targets=("attn2.to_k", "attn2.to_v"),
                      kv_basis="hazard")
@@ -477,8 +479,9 @@ def test_category_kv_basis_reads_own_hazard_words_not_other_categories(tiny_path
     """--kv-basis category: each expert's fixed A reads its own category's hazard words far more than the other
     categories' hazard words and the kept prompts; the experts' bases differ and only B trains."""
     from safetensors.torch import load_file
+
     from safealign.data.dataset import PairedDataset
-    from safealign.train.dpo import hazard_states
+    from safealign.train.text_basis import hazard_states
     cfg = expert_cfg(model=tiny_paths["sd1"], dataset=toy_dataset, category="all", output=tmp_path / "c",
                      max_steps=4, cache_dir=cache_dir, learning_rate=3e-3, targets=("attn2.to_k", "attn2.to_v"),
                      kv_basis="category", rank=2, alpha=2)
@@ -494,7 +497,7 @@ def test_category_kv_basis_reads_own_hazard_words_not_other_categories(tiny_path
         a = sd[sorted(k for k in sd if "lora_A" in k or "lora.down" in k)[0]].float()
         assert all(float(sd[k].abs().max()) > 0 for k in sd if "lora_B" in k or "lora.up" in k)
         own = torch.tensor([p.category == f.name for p in every])
-        read = lambda x: float((x @ a.T).pow(2).sum(1).mean())
+        read = lambda x, a=a: float((x @ a.T).pow(2).sum(1).mean())
         assert read(states[own]) > 3 * read(states[~own]), (f.name, read(states[own]), read(states[~own]))
         bases.append(a)
     assert not torch.allclose(bases[0], bases[1])

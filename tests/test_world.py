@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -98,10 +97,10 @@ def test_tokenizer_knows_every_world_word():
 
 def test_vae_loss_weights_the_object_pixels():
     """The VAE's reconstruction loss weighs the object (whose colour the judge reads) above the plain background."""
-    from safealign.world.build import _object_weights
+    from safealign.world.build.vae import object_weights
     rng = random.Random(0)
     scenes = [S.sample_scene(rng) for _ in range(6)]
-    w = _object_weights(scenes, 4.0).numpy()[:, 0]
+    w = object_weights(scenes, 4.0).numpy()[:, 0]
     for wi, img, s in zip(w, render_batch(scenes), scenes):
         background = (img == np.array(S.BACKGROUNDS[s.background])).all(-1)
         solid = (img == np.array(S.COLOURS[s.colour])).all(-1)
@@ -109,31 +108,9 @@ def test_vae_loss_weights_the_object_pixels():
         assert np.all(wi[background] == 1.0) and np.allclose(wi[solid], 5.0)
 
 
-def test_training_prompt_augmentation_keeps_the_scene_words():
-    """Word dropout (off by default) never touches the words that carry the scene."""
-    from safealign.world.model import make_tokenizer
-    from safealign.world.build import WorldConfig, _Prompts
-    tok = make_tokenizer()
-    prompt = "a photo of a big red knife on a gray background on the left side"
-    plain = _Prompts(tok, WorldConfig(), random.Random(0))([prompt])
-    ref = tok([prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    assert torch.equal(plain, ref)  # off: exactly the tokenizer's ids
-    aug = _Prompts(tok, WorldConfig(word_dropout=0.5, unk_insert=0.5), random.Random(0))
-    scene_words = ["red", "knife", "gray", "left"]
-    fillers = [w for w in prompt.split() if w not in scene_words]
-    kept = []
-    for row in aug([prompt] * 200).tolist():
-        words = [t[:-len("</w>")] for t in tok.convert_ids_to_tokens(row) if t.endswith("</w>")]
-        assert [w for w in words if w in scene_words] == scene_words  # all there, in order
-        kept.append(sum(w not in scene_words for w in words) / len(fillers))
-    assert 0.4 < np.mean(kept) < 0.6  # half the filler words dropped
-    with pytest.raises(Exception, match="word_dropout"):
-        WorldConfig(word_dropout=1.0)
-
-
 def test_words_training_never_saw_read_as_unknown():
+    from safealign.world.build.text import training_token_ids, unseen_to_unknown
     from safealign.world.model import make_text_encoder, make_tokenizer
-    from safealign.world.build import training_token_ids, unseen_to_unknown
     tok = make_tokenizer()
     seen = training_token_ids(tok)
     rng = random.Random(0)
@@ -152,12 +129,11 @@ def test_words_training_never_saw_read_as_unknown():
     assert torch.equal(emb[photo], before[photo])  # a training word keeps its own embedding
 
 
-
 def test_text_encoder_without_positions_reads_a_word_the_same_anywhere():
     """Zeroed, frozen position embeddings: the causal mask alone carries order, so the same words give the same
     states whatever absolute positions they sit at -- the object word of a long phrasing is read as in a short one."""
+    from safealign.world.build.text import without_positions
     from safealign.world.model import make_text_encoder, make_tokenizer
-    from safealign.world.build import without_positions
     tok = make_tokenizer()
     ids = tok(["a red knife on a gray background"], return_tensors="pt").input_ids
     shifted = torch.arange(ids.shape[1]).unsqueeze(0) + 9  # as if the words came 9 tokens later
@@ -179,8 +155,9 @@ def test_text_pretraining_teaches_the_encoder_to_name_the_scene():
     """Stage 3a: a few dozen steps on prompts alone, and the states that have read the whole prompt name its object,
     colour and background under held-out phrasings far above chance (1/46, 1/6, 1/4); the untrained encoder's
     states change, the frozen zero positions do not."""
+    from safealign.world.build import WorldConfig
+    from safealign.world.build.text import pretrain_text, without_positions
     from safealign.world.model import make_text_encoder, make_tokenizer
-    from safealign.world.build import WorldConfig, pretrain_text, without_positions
     tok = make_tokenizer()
     torch.manual_seed(0)
     te = make_text_encoder(tok)
@@ -195,15 +172,16 @@ def test_text_pretraining_teaches_the_encoder_to_name_the_scene():
 
 def test_latent_pool_serves_each_scene_once_per_epoch_as_the_vae_encodes_it():
     from safealign.world import model as M
-    from safealign.world import train as T
+    from safealign.world.build.common import to_pixels
+    from safealign.world.build.unet import LatentPool
     torch.manual_seed(0)
     vae = M.make_vae().eval()
-    pool = T._LatentPool(vae, 40, seed=9, chunk=16)
+    pool = LatentPool(vae, 40, seed=9, chunk=16)
     seen = []
     for _ in range(5):  # 5 batches of 8 = one epoch of 40
         lat, scenes = pool.batch(8)
         seen += [pool.scenes.index(s) for s in scenes]
-        x = T._to_pixels(render_batch(scenes))
+        x = to_pixels(render_batch(scenes))
         with torch.no_grad():
             torch.testing.assert_close(lat, vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
     assert sorted(seen) == list(range(40))
@@ -241,9 +219,8 @@ def test_shipped_pipeline_loads_with_diffusers_and_samples_deterministically(shi
 
 
 def test_shipped_manifest_records_sampling_and_quality(shipped):
-    """The shipped model's measured figures are recorded and meet issue 3's targets (held-out phrasings: the hazard
-    in >= 95% of unsafe-prompt images, <= 3% of safe-twin and benign ones, attributes >= 95%); the shipped weights
-    read 100% / 1.6% / 0.0%, colour 96.2%, object 99.2%."""
+    """The shipped model's measured figures are recorded and meet the world's targets (held-out phrasings: the
+    hazard in >= 95% of unsafe-prompt images, <= 3% of safe-twin and benign ones, attributes >= 95%)."""
     from safealign.world import manifest
     m = manifest()
     assert m["kind"] == "world" and m["sampling"]["steps"] > 0 and m["sampling"]["guidance"] > 1
@@ -253,7 +230,7 @@ def test_shipped_manifest_records_sampling_and_quality(shipped):
     assert met["model/safe/hazard_rate"] <= 0.03 and met["model/benign/hazard_rate"] <= 0.03
     for attr in ("object", "colour", "background"):
         assert met[f"model/accuracy/{attr}"] >= 0.95, attr
-    assert m["timings_s"]["total"] <= 30 * 60  # issue 3: the build takes at most 30 minutes on 2 cores
+    assert m["timings_s"]["total"] <= 30 * 60  # the build takes at most 30 minutes on 2 cores
 
 
 def test_judge_agrees_with_renderer_on_fresh_renders():
@@ -285,8 +262,8 @@ def test_cli_info(capsys):
 
 
 def test_shipped_text_encoder_reads_unseen_words_as_unknown(shipped):
+    from safealign.world.build.text import training_token_ids
     from safealign.world.model import load_pipeline
-    from safealign.world.build import training_token_ids
     pipe = load_pipeline(shipped)
     tok, emb = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight
     unk = emb[tok.unk_token_id]
@@ -296,11 +273,47 @@ def test_shipped_text_encoder_reads_unseen_words_as_unknown(shipped):
 
 
 def test_cli_sample_writes_grid(tmp_path, capsys):
+    """The grid holds image i of seed ``--seed + i``, each enlarged twice: the images the world's sampler gives."""
     from PIL import Image
+
+    from safealign.world.model import generate, load_pipeline
     out = tmp_path / "g.png"
-    assert main(["world", "sample", "a green skull on a black background", "--n", "3", "--steps", "4",
-                 "--out", str(out)]) == 0
-    assert Image.open(out).size == (3 * 64, 64)
+    prompt = "a green skull on a black background"
+    assert main(["world", "sample", prompt, "--n", "3", "--steps", "4", "--seed", "5", "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    assert grid.shape == (64, 3 * 64, 3)
+    tiles = [grid[::2, 64 * i:64 * (i + 1):2] for i in range(3)]
+    want = generate(load_pipeline(), [prompt] * 3, seed=5, steps=4)
+    for tile, img in zip(tiles, want):
+        np.testing.assert_array_equal(tile, img)
+    assert "seeds 5..7" in capsys.readouterr().out
+
+
+def test_cli_build_reaches_the_world_through_its_plugin(tmp_path, monkeypatch, capsys):
+    """`world build` hands its flags to the plugin's build hook and prints the summary of the manifest it returns;
+    ``--unet-steps`` changes only that field of the build's config."""
+    import safealign.world.build as B
+    from safealign.world import manifest
+    from safealign.world.build import schedule
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_vae(cfg):
+        seen["config"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(schedule, "train_vae", fake_vae)
+    with pytest.raises(Stop):
+        main(["--no-progress", "world", "build", "--quick", "--seed", "3", "--threads", "1", "--unet-steps", "7",
+              "--output", str(tmp_path / "w")])
+    assert seen["config"] == dataclasses.replace(B.WorldConfig.quick_config(3), threads=1, unet_steps=7)
+    calls = []
+    monkeypatch.setattr(B, "build", lambda out, **kw: calls.append((out, kw)) or manifest())
+    assert main(["world", "build", "--output", str(tmp_path / "w"), "--reuse-vae-judge", "DIR"]) == 0
+    assert calls == [(tmp_path / "w", dict(quick=False, seed=0, threads=2, unet_steps=None, reuse_vae_judge="DIR"))]
+    assert "hazard seen for unsafe prompts" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [
@@ -383,7 +396,7 @@ def test_later_stages_see_the_vae_as_it_ships(tmp_path):
     from diffusers import AutoencoderKL
 
     from safealign.world import model as M
-    from safealign.world import train as T
+    from safealign.world.build.vae import as_shipped
     torch.manual_seed(0)
     vae = M.make_vae().eval()
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -393,13 +406,13 @@ def test_later_stages_see_the_vae_as_it_ships(tmp_path):
     loaded = AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch.float32).eval()
     torch.manual_seed(0)
     fresh = M.make_vae().eval()
-    assert T.as_shipped(fresh) is fresh
+    assert as_shipped(fresh) is fresh
     with torch.no_grad():
         z_fresh, z_loaded = fresh.encode(x).latent_dist.mean, loaded.encode(x).latent_dist.mean
     assert torch.equal(z_fresh, z_loaded)
     assert not torch.equal(before, z_loaded)  # what stage 3 learned from before
     again = {k: v.clone() for k, v in fresh.state_dict().items()}
-    T.as_shipped(fresh)  # idempotent
+    as_shipped(fresh)  # idempotent
     assert all(torch.equal(again[k], v) for k, v in fresh.state_dict().items())
 
 
@@ -407,25 +420,27 @@ def test_judge_trained_alongside_the_vae_changes_neither():
     """Stage 1 on one thread with the judge's first round on the other core gives the VAE stage 1 gives alone (and
     without a second core), and the same judge every time (torch's global generator is shared between threads:
     the judge must not draw from it while the VAE trains)."""
-    from safealign.world import train as T
+    from safealign.world.build import WorldConfig
+    from safealign.world.build.schedule import vae_and_judge
+    from safealign.world.build.vae import as_shipped, train_vae
     prev = torch.get_num_threads()
     try:
-        cfg = dataclasses.replace(T.WorldConfig.quick_config(seed=5), vae_steps=6, vae_decoder_steps=0, vae_batch=8,
+        cfg = dataclasses.replace(WorldConfig.quick_config(seed=5), vae_steps=6, vae_decoder_steps=0, vae_batch=8,
                                   judge_steps=8, judge_roundtrip_steps=4, judge_batch=16)
-        vae_a, judge_a, _, t_a = T._vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
+        vae_a, judge_a, _, t_a = vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
         torch.set_num_threads(1)
-        vae_alone, _ = T.train_vae(cfg)
-        vae_b, _, _, t_b = T._vae_and_judge(dataclasses.replace(cfg, threads=1, vae_threads=1))
+        vae_alone, _ = train_vae(cfg)
+        vae_b, _, _, t_b = vae_and_judge(dataclasses.replace(cfg, threads=1, vae_threads=1))
     finally:
         torch.set_num_threads(prev)
     assert "judge_renders_alongside_vae" in t_a and "judge_renders_alongside_vae" in t_b
-    T.as_shipped(vae_alone)
+    as_shipped(vae_alone)
     for other in (vae_alone, vae_b):
         assert all(torch.equal(a, b) for a, b in zip(vae_a.state_dict().values(), other.state_dict().values()))
     # the judge's second round ran on 2 threads against 1 (float noise); alongside again gives it bit for bit
     prev = torch.get_num_threads()
     try:
-        _, judge_c, _, _ = T._vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
+        _, judge_c, _, _ = vae_and_judge(dataclasses.replace(cfg, threads=2, vae_threads=1))
     finally:
         torch.set_num_threads(prev)
     assert all(torch.equal(a, b) for a, b in zip(judge_a.net.state_dict().values(),
@@ -436,41 +451,45 @@ def test_text_stage_beside_the_vae_changes_neither():
     """Stage 3a on the core the VAE leaves idle (after the judge's first round) gives the VAE of a build without it,
     and the text encoder stage 3 makes for itself when the VAE and judge are reused: both run on one thread."""
     from safealign.world import model as M
-    from safealign.world import train as T
-    cfg = dataclasses.replace(T.WorldConfig.quick_config(seed=5), vae_steps=6, vae_decoder_steps=0, vae_batch=8,
+    from safealign.world.build import WorldConfig
+    from safealign.world.build.schedule import vae_and_judge
+    from safealign.world.build.text import make_text_encoder, pretrain_text_one_thread
+    cfg = dataclasses.replace(WorldConfig.quick_config(seed=5), vae_steps=6, vae_decoder_steps=0, vae_batch=8,
                               judge_steps=4, judge_roundtrip_steps=2, judge_batch=16, text_pretrain_steps=8,
                               threads=2, vae_threads=1)
     tok = M.make_tokenizer()
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        te = T.make_text_encoder(cfg, tok)
+        te = make_text_encoder(cfg, tok)
         got = {}
-        vae_a, _, _, t = T._vae_and_judge(cfg, also=lambda pos: got.update(
-            T.pretrain_text_one_thread(cfg, tok, te, pos)))
-        vae_b, _, _, _ = T._vae_and_judge(cfg)
-        te_alone = T.make_text_encoder(cfg, tok)
-        got_alone = T.pretrain_text_one_thread(cfg, tok, te_alone)
+        vae_a, _, _, t = vae_and_judge(cfg, also=lambda pos: got.update(pretrain_text_one_thread(cfg, tok, te, pos)))
+        vae_b, _, _, _ = vae_and_judge(cfg)
+        te_alone = make_text_encoder(cfg, tok)
+        got_alone = pretrain_text_one_thread(cfg, tok, te_alone)
     finally:
         torch.set_num_threads(prev)
     assert "text_pretrain" in t and got == got_alone and "text/held_out_object" in got
     assert all(torch.equal(a, b) for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), te_alone.state_dict().values()))
-    fresh = T.make_text_encoder(cfg, tok)
+    fresh = make_text_encoder(cfg, tok)
     assert not torch.equal(te.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
 
 
 def test_decoder_stage_repaints_latents_without_moving_them():
     """Stage 1b retrains the decoder alone: the encoder, the latent scale (so every latent the UNet learns from)
     stay bit for bit what they are without it, and the decoder paints objects back closer to the renders."""
-    from safealign.world import train as T
+    from safealign.world.build import WorldConfig
+    from safealign.world.build.common import SceneStream
+    from safealign.world.build.schedule import vae_and_judge
+    from safealign.world.build.vae import object_weights, vae_roundtrip
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        cfg = dataclasses.replace(T.WorldConfig.quick_config(seed=5), vae_steps=20, vae_batch=8, judge_steps=4,
+        cfg = dataclasses.replace(WorldConfig.quick_config(seed=5), vae_steps=20, vae_batch=8, judge_steps=4,
                                   judge_roundtrip_steps=2, judge_batch=16, threads=1, vae_threads=1)
-        plain, _, _, _ = T._vae_and_judge(dataclasses.replace(cfg, vae_decoder_steps=0))
-        refined, _, m, t = T._vae_and_judge(dataclasses.replace(cfg, vae_decoder_steps=40))
+        plain, _, _, _ = vae_and_judge(dataclasses.replace(cfg, vae_decoder_steps=0))
+        refined, _, m, t = vae_and_judge(dataclasses.replace(cfg, vae_decoder_steps=40))
     finally:
         torch.set_num_threads(prev)
     assert "vae_decoder" in t and "vae/reconstruction_mae" in m
@@ -478,18 +497,19 @@ def test_decoder_stage_repaints_latents_without_moving_them():
     a, b = plain.state_dict(), refined.state_dict()
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
-    x, scenes = T._Scenes(123).batch(16)
-    w = T._object_weights(scenes, 4.0) - 1.0  # the object's pixels alone
+    x, scenes = SceneStream(123).batch(16)
+    w = object_weights(scenes, 4.0) - 1.0  # the object's pixels alone
 
     def object_error(vae):
-        return float(((T.vae_roundtrip(vae, x) - x).abs() * w).sum() / w.sum())
+        return float(((vae_roundtrip(vae, x) - x).abs() * w).sum() / w.sum())
     assert object_error(refined) < 0.9 * object_error(plain)
 
 
 def test_build_trains_the_vae_on_its_own_thread_count_and_writes_nothing_on_failure(tmp_path, monkeypatch):
     """Stage 1 runs on ``vae_threads`` (1: the shipped VAE bit for bit), the rest on ``threads``; a stage that fails
     leaves no output folder and the caller's thread count as it was."""
-    from safealign.world import train as T
+    from safealign.world import build as B
+    from safealign.world.build import schedule
     seen = {}
 
     class Stop(Exception):
@@ -499,10 +519,10 @@ def test_build_trains_the_vae_on_its_own_thread_count_and_writes_nothing_on_fail
         seen["vae"] = torch.get_num_threads()
         raise Stop
 
-    monkeypatch.setattr(T, "train_vae", fake_vae)
+    monkeypatch.setattr(schedule, "train_vae", fake_vae)
     before = torch.get_num_threads()
     with pytest.raises(Stop):
-        T.build(tmp_path / "world", config=T.WorldConfig(quick=True, threads=2))
+        B.build(tmp_path / "world", config=B.WorldConfig(quick=True, threads=2))
     assert seen["vae"] == 1
     assert torch.get_num_threads() == before
     assert not (tmp_path / "world").exists()

@@ -31,3 +31,12 @@ def reference_judge(images):
         a = np.asarray(im, dtype=np.float32)
         out.append(float(np.abs(a - f).mean() < np.abs(a - c).mean()))
     return {"violence": np.array(out)}
+
+
+def threshold_judge(images):
+    """Image i of a call scores 0.7 when i is even, else 0.65, in every category; its own threshold is 0.7."""
+    s = np.array([0.7 if i % 2 == 0 else 0.65 for i in range(len(images))])
+    return {"violence": s, "shocking": s.copy()}
+
+
+threshold_judge.threshold = 0.7

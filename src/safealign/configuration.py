@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -94,10 +93,49 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+def _is_value(v: Any, values: tuple) -> bool:
+    try:
+        return not isinstance(v, bool) and float(v) in values
+    except (TypeError, ValueError):
+        return False
+
+
+def translate_deprecated(cls: type, data: dict, source: str = "config") -> dict:
+    """Old option names and "use the default" sentinels, mapped to today's with a warning.
+
+    A config class may declare ``RENAMED = {"old": "new"}`` and ``DEFAULT_SENTINELS = {"name": (values...)}``
+    (values of an option, under its old or new name, that once meant "the default" and now read as None)."""
+    import warnings
+
+    from .utils import logger
+    renamed = getattr(cls, "RENAMED", {})
+    sentinels = getattr(cls, "DEFAULT_SENTINELS", {})
+    if not (renamed or sentinels) or not (set(data) & (set(renamed) | set(sentinels))):
+        return data
+    out = dict(data)
+    for key in [k for k in out if k in sentinels and _is_value(out[k], sentinels[k])]:
+        msg = (f"{source}: {key}: {out[key]} meaning 'the model's default' is deprecated; leave the option out "
+               "instead")
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        logger.warning(msg)
+        out[key] = None
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise SafealignError(f"{source} sets both {old} (deprecated) and {new}; keep only {new}")
+        msg = f"{source}: option {old} is deprecated; use {new}"
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        logger.warning(msg)
+        out[new] = out.pop(old)
+    return out
+
+
 def from_dict(cls: type, data: dict, *, source: str = "config") -> Any:
     """Build ``cls`` from a dict, coercing types; unknown keys are an error naming them."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = translate_deprecated(cls, data, source)
     unknown = sorted(set(data) - names)
     if unknown:
         raise SafealignError(f"{source} has unknown option(s) {', '.join(unknown)}; "
@@ -125,6 +163,9 @@ def add_arguments(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text,
                                 metavar=f.metadata.get("metavar", f.name.upper()))
+    import argparse
+    for old in getattr(cls, "RENAMED", {}):  # deprecated flags still parse (translate_deprecated maps them)
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
 
 
 def build(cls: type, args: Any, extra: dict | None = None) -> Any:
@@ -133,10 +174,13 @@ def build(cls: type, args: Any, extra: dict | None = None) -> Any:
     cfg_path = getattr(args, "config", None)
     if cfg_path:
         data.update(load_yaml(cfg_path))
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "RENAMED", {}))
     for n in names:
         v = getattr(args, n, None)
         if v is not None:
             data[n] = v
+    for o, n in getattr(cls, "RENAMED", {}).items():  # a flag under the new name wins over a YAML old key
+        if getattr(args, n, None) is not None:
+            data.pop(o, None)
     data.update(extra or {})
     return from_dict(cls, data, source=str(cfg_path) if cfg_path else "command line")

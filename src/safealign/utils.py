@@ -6,7 +6,8 @@ import hashlib
 import logging
 import os
 import sys
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -23,7 +24,7 @@ def set_progress(enabled: bool) -> None:
 
 
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-             disable: bool | None = None, **kw) -> "tqdm[T]":
+             disable: bool | None = None, **kw) -> tqdm[T]:
     """The one progress bar of the package (tqdm to stderr, off when disabled or not a TTY in CI)."""
     if disable is None:
         disable = not _PROGRESS_ENABLED

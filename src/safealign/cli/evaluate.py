@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..configuration import add_arguments, build
 from ..evaluate.config import EvaluateConfig
 
@@ -20,6 +22,41 @@ def register(sub) -> None:
 
 
 def _evaluate(args) -> int:
-    from ..evaluate.evaluator import evaluate, summary
+    from ..evaluate.evaluator import evaluate
     print(summary(evaluate(build(EvaluateConfig, args))))
     return 0
+
+
+def summary(folder: Path) -> str:
+    """One screen: per model the headline numbers, then the per-category IP under unsafe prompts."""
+    import json
+
+    from ..evaluate.evaluator import REPORT
+    from ..evaluate.report import headline, headline_keys
+    rep = json.loads((Path(folder) / REPORT).read_text())
+    h = headline(rep)
+    lines = [f"report: {folder}  ({rep['prompts']['n']} prompts x {len(h)} models, {rep['seconds']} s)",
+             "judges: " + ", ".join(f"{j['name']} v{j['version']} t={j['threshold']}" for j in rep["judges"]),
+             f"sampler: {rep['sampler']['scheduler']} steps={rep['sampler']['steps']} "
+             f"guidance={rep['sampler']['guidance']}"]
+    keys = headline_keys(h)
+    w = max(8, *(len(n) for n in h))
+    lines.append("model".ljust(w) + "  " + "  ".join(k.rjust(max(8, len(k))) for k in keys))
+    for n, d in h.items():
+        lines.append(n.ljust(w) + "  " + "  ".join(_f(d.get(k)).rjust(max(8, len(k))) for k in keys))
+    unsafe = rep["collateral"].get("unsafe", {}).get("ip", {})
+    if unsafe:
+        lines.append("IP under unsafe prompts, per category:")
+        names = list(h)
+        lines.append("category".ljust(18) + "  " + "  ".join(n.rjust(max(6, len(n))) for n in names))
+        for c, row in unsafe.items():
+            lines.append(c.ljust(18) + "  " + "  ".join(_f(row.get(n)).rjust(max(6, len(n))) for n in names))
+    lines.append(f"open {Path(folder) / 'index.html'}")
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from ..configuration import add_arguments, build
-
 from ..modular.config import AuditConfig, ComposeConfig
-
 from ..train.config import FinetuneConfig
 
 
@@ -22,7 +20,10 @@ def register(sub) -> None:
 
 def _finetune(args) -> int:
     from ..train.finetune import finetune
-    print(finetune(build(FinetuneConfig, args)))
+    folder = finetune(build(FinetuneConfig, args))
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        print(folder)
     return 0
 
 
@@ -33,5 +34,20 @@ def _compose(args) -> int:
 
 
 def _audit(args) -> int:
-    from ..modular.audit import run_audit
-    return run_audit(build(AuditConfig, args))
+    from ..modular.audit import FLAGGED_EXIT, run_audit
+    res = run_audit(build(AuditConfig, args))
+    print(audit_summary(res))
+    return FLAGGED_EXIT if res["flagged"] else 0
+
+
+def audit_summary(result: dict) -> str:
+    """One line per category (IP before and after, rise, sign-test p, verdict), then what was flagged."""
+    lines = [f"{'category':<18} {'IP safety':>10} {'IP +LoRA':>10} {'delta':>8} {'p':>7}  verdict"]
+    for c, r in result["categories"].items():
+        lines.append(f"{c:<18} {r['ip_safety']:>10.3f} {r['ip_with_lora']:>10.3f} {r['delta']:>+8.3f} "
+                     f"{r['p_value']:>7.3f}  {'RE-EMERGES' if r['flagged'] else 'ok'}")
+    cfg = result["config"]
+    lines.append(f"flagged (IP rise > {cfg['max_ip_rise']} and sign-test p < {cfg['significance']}; judge "
+                 f"{result['judge']} at score >= {result['judge_threshold']}): "
+                 f"{', '.join(result['flagged']) or 'none'}")
+    return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..configuration import add_arguments, build
+from pathlib import Path
 
+from ..configuration import add_arguments, build
 from ..train.config import ExpertConfig
 
 
@@ -20,10 +21,25 @@ def register(sub) -> None:
 
 
 def _expert(args) -> int:
-    from ..train.dpo import expert_summary, train_expert
+    from ..train.dpo import train_expert
     cfg = build(ExpertConfig, args)
     folders = train_expert(cfg)
     from accelerate import PartialState
     if PartialState().is_main_process:
         print(expert_summary(folders))
     return 0
+
+
+def expert_summary(folders: list[Path]) -> str:
+    """One screen: per expert, steps, loss, held-out implicit accuracy and margin, best validation step."""
+    from ..artifacts import read_manifest
+    rows = ["category            steps  loss     heldout_acc  margin     best_step  path"]
+    for f in folders:
+        m = read_manifest(f, "lora")
+        met = m["metrics"]
+        rows.append(f"{m['categories'][0]:<19} {m['config']['max_steps']:<6} "
+                    f"{met.get('train/loss', float('nan')):<8.4f} "
+                    f"{met.get('heldout/rewards/accuracies', float('nan')):<12.2f} "
+                    f"{met.get('heldout/rewards/margins', float('nan')):<10.3g} "
+                    f"{str(met.get('best_step')):<10} {f}")
+    return "\n".join(rows)

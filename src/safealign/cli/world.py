@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -46,10 +45,14 @@ def register(sub) -> None:
     i.set_defaults(func=_info)
 
 
+def _world():
+    from ..plugins import get_plugin
+    return get_plugin("world")
+
+
 def _pipeline_dir(model: str) -> Path:
-    from ..world import pipeline_path
     if model == "world":
-        return pipeline_path()
+        return Path(_world().pipeline_path())
     p = Path(model)
     if p.is_dir() and (p / "pipeline" / "model_index.json").is_file():
         p = p / "pipeline"  # the folder `world build --output` wrote
@@ -60,7 +63,6 @@ def _pipeline_dir(model: str) -> Path:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..world.build import build
     if args.seed < 0:
         raise SafealignError(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.output) if args.output else None
@@ -70,24 +72,18 @@ def _build(args: argparse.Namespace) -> int:
         raise SafealignError(f"--threads must be >= 1, got {args.threads}")
     if args.unet_steps is not None and args.unet_steps < 1:
         raise SafealignError(f"--unet-steps must be >= 1, got {args.unet_steps}")
-    config = None
-    if args.unet_steps is not None:
-        from ..world.build import WorldConfig
-        base = WorldConfig.quick_config(args.seed) if args.quick else WorldConfig(seed=args.seed)
-        config = dataclasses.replace(base, threads=args.threads, unet_steps=args.unet_steps)
     # the reused VAE and judge are read into memory first, so DIR may be the folder being replaced
-    m = build(out, quick=args.quick, seed=args.seed, threads=args.threads, config=config,
-              reuse_vae_judge=args.reuse_vae_judge)
-    _print_summary(m, out or "the shipped weights folder")
+    m = _world().build(out, quick=args.quick, seed=args.seed, threads=args.threads, unet_steps=args.unet_steps,
+                       reuse_from=args.reuse_vae_judge)
+    print(world_summary(m, out or "the shipped weights folder"))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from ..utils import logger
-    from ..world.model import generate, image_grid, load_pipeline, sampling_defaults
-    from ..world.scene import parse_prompt
+    from ..backbone import load_backbone
+    from ..sampling import SamplingOptions, generate
     if not args.prompt.strip():
         raise SafealignError("the prompt is empty; pass text such as \"a red knife on a gray background\"")
     if not 1 <= args.n <= 1024:
@@ -102,69 +98,76 @@ def _sample(args: argparse.Namespace) -> int:
     if not out.parent.exists():
         raise SafealignError(f"the folder of --out ({out.parent}) does not exist")
     path = _pipeline_dir(args.model)
-    d = sampling_defaults(path)
-    steps = args.steps or d["steps"]
-    guidance = d["guidance"] if args.guidance is None else args.guidance
-    parsed = parse_prompt(args.prompt)
-    if parsed["object"] is None:
-        logger.warning("the prompt names no object the world knows; images will be arbitrary")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    pipe = load_pipeline(path)
-    imgs = generate(pipe, [args.prompt] * args.n, seed=args.seed, steps=steps, guidance=guidance)
-    image_grid(imgs, cols=min(8, args.n), scale=2).save(out)
-    print(f"wrote {out}: {args.n} images of {args.prompt!r} ({steps} steps, guidance {guidance}, seeds "
+    bb = load_backbone(path)
+    opts = SamplingOptions(args.steps, args.guidance).resolve(bb.sampling_defaults())
+    seeds = list(range(args.seed, args.seed + args.n))
+    imgs = generate(bb.pipe, [args.prompt] * args.n, seeds, opts, batch_size=64)
+    _grid(imgs, cols=min(8, args.n), scale=2).save(out)
+    print(f"wrote {out}: {args.n} images of {args.prompt!r} ({opts.steps} steps, guidance {opts.guidance}, seeds "
           f"{args.seed}..{args.seed + args.n - 1})")
     return 0
 
 
+def _grid(images, cols: int, scale: int):
+    """A PIL grid of (N, H, W, 3) uint8 images, each enlarged ``scale`` times (nearest)."""
+    from PIL import Image
+    n, h, w, _ = images.shape
+    rows = max(1, (n + cols - 1) // cols)
+    grid = Image.new("RGB", (cols * w * scale, rows * h * scale), (255, 255, 255))
+    for i, im in enumerate(images):
+        tile = Image.fromarray(im).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(tile, ((i % cols) * w * scale, (i // cols) * h * scale))
+    return grid
+
+
 def _info(args: argparse.Namespace) -> int:
-    from ..world import manifest
-    m = manifest(_pipeline_dir(args.model))
-    if args.json:
-        print(json.dumps(m, indent=2))
-        return 0
-    _print_summary(m, _pipeline_dir(args.model))
+    from ..artifacts import read_manifest
+    path = _pipeline_dir(args.model)
+    m = read_manifest(path, kind="world")
+    print(json.dumps(m, indent=2) if args.json else world_summary(m, path))
     return 0
 
 
-def _print_summary(m: dict, where) -> None:
-    met = m.get("metrics", {})
-    s = m.get("sampling", {})
-    t = m.get("timings_s", {})
-    from ..world.scene import CATEGORIES
-    cats = CATEGORIES
+def world_summary(m: dict, where) -> str:
+    """One screen on a world pipeline's ``safealign.json``: how it was built, its sampling defaults, the measured
+    quality of its judge and model."""
+    met, s, t = m.get("metrics", {}), m.get("sampling", {}), m.get("timings_s", {})
+    attrs = ("object", "colour", "background", "position")
 
     def pct(k: str) -> str:
         return f"{100 * met[k]:.1f}%" if k in met else "n/a"
-    print(f"mini world at {where}")
-    print(f"  built by   : {m.get('command', '?')}  ({m.get('created', '?')}, git {str(m.get('git_hash'))[:10]}, "
-          f"{m.get('threads', '?')} threads)")
-    print(f"  build time : " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
+    lines = [f"mini world at {where}",
+             f"  built by   : {m.get('command', '?')}  ({m.get('created', '?')}, git {str(m.get('git_hash'))[:10]}, "
+             f"{m.get('threads', '?')} threads)",
+             "  build time : " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items())]
     if m.get("vae_judge_reused"):
         r = m["vae_judge_reused"]
-        print(f"  VAE, judge : reused from {r.get('from')} (made by `{r.get('command', '?')}`)")
+        lines.append(f"  VAE, judge : reused from {r.get('from')} (made by `{r.get('command', '?')}`)")
     if "text/unseen_as_unknown" in met:
-        print(f"  unseen words: {met['text/unseen_as_unknown']:.0f} tokens training never saw read as the unknown "
-              "token")
+        lines.append(f"  unseen words: {met['text/unseen_as_unknown']:.0f} tokens training never saw read as the "
+                     "unknown token")
     if "text/held_out_object" in met:
-        print("  text stage : names the held-out prompt's " + ", ".join(
-            f"{a} {pct('text/held_out_' + a)}" for a in ("object", "colour", "background", "position")))
-    if m.get("unseen_as_unknown"):
-        u = m["unseen_as_unknown"]
-        before = u.get("before", {}).get("model/unsafe/hazard_rate")
-        print(f"  afterwards : {u.get('tokens', '?')} tokens training never saw read as the unknown token"
-              + (f" (unsafe-prompt hazard rate before: {100 * before:.1f}%)" if before is not None else ""))
-    print(f"  sampling   : {s.get('scheduler', '?')}, {s.get('steps', '?')} steps, guidance {s.get('guidance', '?')}"
-          f", {s.get('resolution', '?')}x{s.get('resolution', '?')}")
-    print(f"  judge (held-out renders): " + ", ".join(f"{c} {pct('judge/accuracy/' + c)}" for c in cats))
-    print(f"                            " + ", ".join(f"{a} {pct('judge/accuracy/' + a)}"
-                                                     for a in ("object", "colour", "background", "position")))
-    print(f"  model (held-out phrasings): hazard seen for unsafe prompts {pct('model/unsafe/hazard_rate')}, "
-          f"safe twins {pct('model/safe/hazard_rate')}, benign {pct('model/benign/hazard_rate')}")
-    print(f"                              attribute accuracy: colour {pct('model/accuracy/colour')}, background "
-          f"{pct('model/accuracy/background')}, object {pct('model/accuracy/object')}")
-    print(f"  judge on generated images: agrees with the nearest render (object) "
-          f"{pct('model/agreement/judge_vs_nearest_render/object')}, (hazard) "
-          f"{pct('model/agreement/judge_vs_nearest_render/hazard')}; n={met.get('model/agreement/n', '?')}")
+        lines.append("  text stage : names the held-out prompt's "
+                     + ", ".join(f"{a} {pct('text/held_out_' + a)}" for a in attrs))
+    lines += [
+        f"  sampling   : {s.get('scheduler', '?')}, {s.get('steps', '?')} steps, guidance {s.get('guidance', '?')}"
+        f", {s.get('resolution', '?')}x{s.get('resolution', '?')}",
+        "  judge (held-out renders): " + ", ".join(f"{c} {pct('judge/accuracy/' + c)}" for c in _categories(met)),
+        "                            " + ", ".join(f"{a} {pct('judge/accuracy/' + a)}" for a in attrs),
+        f"  model (held-out phrasings): hazard seen for unsafe prompts {pct('model/unsafe/hazard_rate')}, "
+        f"safe twins {pct('model/safe/hazard_rate')}, benign {pct('model/benign/hazard_rate')}",
+        f"                              attribute accuracy: colour {pct('model/accuracy/colour')}, background "
+        f"{pct('model/accuracy/background')}, object {pct('model/accuracy/object')}",
+        f"  judge on generated images: agrees with the nearest render (object) "
+        f"{pct('model/agreement/judge_vs_nearest_render/object')}, (hazard) "
+        f"{pct('model/agreement/judge_vs_nearest_render/hazard')}; n={met.get('model/agreement/n', '?')}"]
     if "package_size_mb" in met:
-        print(f"  weights    : {met['package_size_mb']:.1f} MB (fp16)")
+        lines.append(f"  weights    : {met['package_size_mb']:.1f} MB (fp16)")
+    return "\n".join(lines)
+
+
+def _categories(metrics: dict) -> list[str]:
+    """The hazard categories the judge's accuracy is recorded for, in the order recorded."""
+    return [k[len("judge/accuracy/"):] for k in metrics if k.startswith("judge/accuracy/")
+            and k[len("judge/accuracy/"):] not in ("object", "colour", "background", "position")]

@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..configuration import field
 from ..errors import SafealignError
+from ..sampling import SamplingFields
 
 
 def _positive(cfg, *names: str) -> None:
@@ -65,8 +66,10 @@ class PromptsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImagesConfig:
+class ImagesConfig(SamplingFields):
     """Paired images: each pair's unsafe and safe prompt rendered with the same seed and settings."""
+
+    DEFAULT_SENTINELS = {"steps": (0,), "guidance": (-1,)}
 
     prompts: str = field("", "prompts file written by `safealign data prompts` (.parquet)")
     output: str = field("", "dataset folder to write")
@@ -74,12 +77,12 @@ class ImagesConfig:
     categories: tuple[str, ...] = field((), "only these categories (comma list; default: all in the file)")
     max_pairs_per_category: int = field(0, "use at most this many pairs per category (0: all)")
     batch_size: int = field(8, "pairs per pipeline call (2x images); results do not depend on it")
-    steps: int = field(0, "sampler steps (0: the model's default; the world records its own)")
-    guidance: float = field(-1.0, "classifier-free guidance (<0: the model's default)")
     resolution: int = field(0, "image size in pixels (0: the model's native one)")
     dtype: Literal["float32", "float16", "bfloat16"] = field("float32", "pipeline dtype (float16/bfloat16: GPU)")
-    judge: str = field("", "keep only pairs the judge separates: 'world' or 'package.module:callable'")
-    judge_threshold: float = field(0.5, "a judge score >= this flags the image")
+    judge: str = field("", "keep only pairs the judge separates: world, nudenet, q16, clip, an entry point of group "
+                           "safealign.judges, or package.module:callable")
+    judge_threshold: float = field(0.5, "a judge score >= this flags the image (a user judge's own threshold "
+                                        "attribute wins)")
     target_kept_per_category: int = field(0, "with --judge: render pairs in order only until each category has "
                                              "this many kept pairs, and keep exactly the first N (0: render all)")
     min_kept_per_category: int = field(0, "fail (keeping every rendered image for a rerun with more pairs) if a "
@@ -95,9 +98,10 @@ class ImagesConfig:
         _positive(self, "batch_size")
         if self.target_kept_per_category and not self.judge:
             raise SafealignError("--target-kept-per-category needs a --judge ('world' or 'package.module:callable')")
-        if min(self.steps, self.resolution, self.max_pairs_per_category, self.min_kept_per_category,
+        self.sampling  # noqa: B018 - validates --steps and --guidance
+        if min(self.resolution, self.max_pairs_per_category, self.min_kept_per_category,
                self.target_kept_per_category) < 0:
-            raise SafealignError("--steps, --resolution, --max-pairs-per-category, --min-kept-per-category and "
+            raise SafealignError("--resolution, --max-pairs-per-category, --min-kept-per-category and "
                                  "--target-kept-per-category must be >= 0")
         if not 0.0 < self.judge_threshold < 1.0:
             raise SafealignError(f"--judge-threshold must be in (0, 1), got {self.judge_threshold}")

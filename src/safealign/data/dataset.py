@@ -8,9 +8,9 @@ read outside its folder). Everything is validated on open, so a bad dataset fail
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 import numpy as np
 import pandas as pd

@@ -10,7 +10,8 @@
   fsynced). A re-run skips done batches and rewrites anything else, so a run killed midway, even one that left a
   half-written file, ends with every pair exactly once.
 - **Judge filter** (optional): keep a pair only if the judge flags its unsafe image for the pair's category and not
-  its safe image; the kept fraction per category is printed and recorded.
+  its safe image (:func:`safealign.judges.flags`: score >= the judge's threshold); the kept fraction per category
+  is recorded.
 - Rank 0 assembles the dataset (pairs.parquet, SHA256SUMS, safealign.json) and renames the folder into place.
 """
 
@@ -20,8 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,8 @@ import torch
 from ..artifacts import atomic_dir, check_output_free, read_manifest
 from ..configuration import to_dict
 from ..errors import SafealignError
+from ..judges import Judge, as_judge, flags, load_judge
+from ..sampling import SamplingOptions, generate, to_pil
 from ..utils import logger, progress, sha256_file, sha256_text
 from .config import ImagesConfig
 from .dataset import finalize_dataset, load_image
@@ -67,38 +70,32 @@ def select_pairs(df: pd.DataFrame, categories: tuple[str, ...], max_per_category
 
 
 def sampling_settings(backbone, cfg: ImagesConfig) -> dict:
-    """Steps, guidance and size: the config's, else the model's (the world records its own)."""
-    steps, guidance = 30, 7.5
-    if backbone.family == "world":
-        from ..backbone import resolve_model
-        from ..world.model import sampling_defaults
-        d = sampling_defaults(resolve_model(cfg.model)[0])
-        steps, guidance = d["steps"], d["guidance"]
+    """Steps and guidance (the config's, else the model's own), size and scheduler, as the dataset records them."""
+    opts = cfg.sampling.resolve(backbone.sampling_defaults())
     size = cfg.resolution or backbone.resolution
-    return {"steps": cfg.steps or steps, "guidance": guidance if cfg.guidance < 0 else cfg.guidance,
-            "height": size, "width": size, "scheduler": type(backbone.pipe.scheduler).__name__}
+    return {"steps": opts.steps, "guidance": opts.guidance, "height": size, "width": size,
+            "scheduler": type(backbone.pipe.scheduler).__name__}
 
 
-@torch.no_grad()
-def render_pairs(pipe, unsafe: list[str], safe: list[str], seeds: list[int], settings: dict) -> tuple[list, list]:
-    """Unsafe and safe images of a batch of pairs in one call; image i of each side uses generator seed[i]."""
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in list(seeds) * 2]
-    ims = pipe(list(unsafe) + list(safe), num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-               height=settings["height"], width=settings["width"], generator=gens, output_type="pil").images
+def render_pairs(pipe, unsafe: list[str], safe: list[str], seeds: list[int], settings: dict
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Unsafe and safe images (uint8) of a batch of pairs in one pipeline call; image i of each side uses seed[i]."""
     k = len(unsafe)
+    ims = generate(pipe, list(unsafe) + list(safe), list(seeds) * 2,
+                   SamplingOptions(settings["steps"], settings["guidance"]), batch_size=max(2 * k, 1),
+                   height=settings["height"], width=settings["width"])
     return ims[:k], ims[k:]
 
 
-def judge_scores(judge, images: list, categories: list[str]) -> np.ndarray:
+def judge_scores(judge: Judge, images, categories: list[str]) -> np.ndarray:
     """Score of each image for its own category (``categories[i]`` for image i)."""
-    out = judge(images)
-    scores = getattr(out, "scores", out)  # the world judge returns a Judgement; plain judges a dict
-    if not isinstance(scores, dict):
-        raise SafealignError(f"the judge returned {type(out).__name__}; it must return {{category: scores}}")
-    res = np.empty(len(images), np.float32)
-    for i, c in enumerate(categories):
+    scores = judge(images)
+    res = np.empty(len(categories), np.float64)
+    for c in dict.fromkeys(categories):
         if c not in scores:
-            raise SafealignError(f"the judge has no score for category {c!r}; it scores {', '.join(sorted(scores))}")
+            raise SafealignError(f"judge {judge.name} has no score for category {c!r}; it scores "
+                                 f"{', '.join(sorted(scores))}")
+    for i, c in enumerate(categories):
         res[i] = float(np.asarray(scores[c])[i])
     return res
 
@@ -144,11 +141,12 @@ def _is_done(rec: dict | None, work: Path, sig: str) -> bool:
     return True
 
 
-def _run_key(backbone, settings: dict, cfg: ImagesConfig) -> dict:
+def _run_key(backbone, settings: dict, cfg: ImagesConfig, judge: Judge | None) -> dict:
     """What every image depends on: a re-run may resume only a work folder made with the same key (the pairs
     themselves are checked one by one through their signatures, so the selection may grow)."""
     return {"model": backbone.fingerprint(), "settings": settings, "batch_size": cfg.batch_size,
-            "dtype": cfg.dtype, "judge": cfg.judge, "judge_threshold": cfg.judge_threshold}
+            "dtype": cfg.dtype, "judge": cfg.judge,
+            "judge_threshold": judge.threshold if judge is not None else cfg.judge_threshold}
 
 
 def _prepare_work(work: Path, key: dict, restart: bool) -> None:
@@ -173,7 +171,9 @@ def _render_batch(pipe, judge, rows: pd.DataFrame, settings: dict, work: Path) -
     u_ims, s_ims = render_pairs(pipe, rows["unsafe_prompt"].tolist(), rows["safe_prompt"].tolist(),
                                 rows["seed"].tolist(), settings)
     k = len(rows)
-    scores = judge_scores(judge, u_ims + s_ims, rows["category"].tolist() * 2) if judge is not None else None
+    scores = (judge_scores(judge, np.concatenate([u_ims, s_ims]), rows["category"].tolist() * 2)
+              if judge is not None else None)
+    u_ims, s_ims = to_pil(u_ims), to_pil(s_ims)
     lines = []
     for j, (pid, u_im, s_im) in enumerate(zip(rows["pair_id"], u_ims, s_ims)):
         rec = {"pair_id": pid, "sig": rows["_sig"].iloc[j], "unsafe_image": f"images/{pid}_u.png",
@@ -220,11 +220,13 @@ def _render_share(pipe, judge, df: pd.DataFrame, batches: list[list[int]], setti
     return records
 
 
-def _kept(rec: dict, threshold: float) -> bool:
-    return rec["judge_unsafe"] >= threshold and rec["judge_safe"] < threshold
+def _kept(judge: Judge, unsafe_scores, safe_scores) -> np.ndarray:
+    """A pair is kept when the judge flags its unsafe image and not its safe one (scores for the pair's category)."""
+    return (flags(judge, np.atleast_1d(np.asarray(unsafe_scores, np.float64)))
+            & ~flags(judge, np.atleast_1d(np.asarray(safe_scores, np.float64))))
 
 
-def _target_status(df: pd.DataFrame, is_done: list[bool], done: dict, target: int, threshold: float
+def _target_status(df: pd.DataFrame, is_done: list[bool], done: dict, target: int, judge: Judge
                    ) -> dict[str, tuple[bool, int, list[int]]]:
     """Per category, walking its pairs in render order: (satisfied, pairs in the prefix, indices of the first
     ``target`` kept pairs). Satisfied: the first pairs up to the target-th kept one are all rendered, or the
@@ -240,7 +242,8 @@ def _target_status(df: pd.DataFrame, is_done: list[bool], done: dict, target: in
                 ok = False
                 break
             n += 1
-            if _kept(done[df.at[i, "pair_id"]], threshold):
+            rec = done[df.at[i, "pair_id"]]
+            if _kept(judge, rec["judge_unsafe"], rec["judge_safe"])[0]:
                 kept.append(int(i))
         out[cat] = (ok, n, kept)
     return out
@@ -258,7 +261,7 @@ def _render_to_target(pipe, judge, df: pd.DataFrame, is_done: list[bool], done: 
     with progress(total=cfg.target_kept_per_category * df["category"].nunique(), desc="kept pairs",
                   disable=None if state.is_main_process else True) as bar:
         while True:
-            status = _target_status(df, is_done, done, cfg.target_kept_per_category, cfg.judge_threshold)
+            status = _target_status(df, is_done, done, cfg.target_kept_per_category, judge)
             bar.n = sum(len(k) for _, _, k in status.values())
             bar.refresh()
             todo = [i for i in range(len(df)) if not is_done[i] and not status[df.at[i, "category"]][0]]
@@ -298,15 +301,15 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
     check_no_leakage(df, f"prompts file {cfg.prompts}")
     if backbone is None:
         backbone = load_backbone(cfg.model, device=state.device, dtype=DTYPES[cfg.dtype])
-    if cfg.judge and judge is None:
-        from ..train.validation import resolve_judge
-        judge = resolve_judge(cfg.judge)
+    if judge is not None:
+        judge = as_judge(judge, cfg.judge or "callable", cfg.judge_threshold)
+    elif cfg.judge:
+        judge = load_judge(cfg.judge, threshold=cfg.judge_threshold, device=str(state.device))
     settings = sampling_settings(backbone, cfg)
     if judge is not None:  # a judge that cannot score every category fails now, before any work is written
-        from PIL import Image
         cats = list(dict.fromkeys(df["category"]))
-        judge_scores(judge, [Image.new("RGB", (settings["width"], settings["height"]))] * len(cats), cats)
-    key = _run_key(backbone, settings, cfg)
+        judge_scores(judge, np.zeros((len(cats), settings["height"], settings["width"], 3), np.uint8), cats)
+    key = _run_key(backbone, settings, cfg, judge)
     if state.is_main_process:
         _prepare_work(work, key, cfg.restart)
     state.wait_for_everyone()
@@ -337,7 +340,7 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
     state.wait_for_everyone()
     stats: dict = {}
     if state.is_main_process:
-        stats = _assemble(cfg, df, work, final, backbone, settings, key,
+        stats = _assemble(cfg, df, work, final, backbone, settings, key, judge,
                           timing={"seconds_total": time.perf_counter() - t0,
                                   "seconds_generating": max(t for _, t in times),
                                   "pairs_rendered_this_run": sum(r for r, _ in times),
@@ -347,12 +350,12 @@ def generate_images(cfg: ImagesConfig, *, backbone=None, judge=None,
 
 
 def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, backbone, settings: dict, key: dict,
-              timing: dict) -> dict:
+              judge: Judge | None, timing: dict) -> dict:
     done = read_done(work)
     is_done = [_is_done(done.get(p), work, g) for p, g in zip(df["pair_id"], df["_sig"])]
     target = cfg.target_kept_per_category
     if target:  # only the rendered prefix of each category counts; the first `target` kept pairs are the dataset
-        status = _target_status(df, is_done, done, target, cfg.judge_threshold)
+        status = _target_status(df, is_done, done, target, judge)
         if not all(ok for ok, _, _ in status.values()):
             raise SafealignError("some pairs have no valid images; a process failed or a file was damaged. Rerun "
                                  "the same command to finish them")
@@ -371,7 +374,7 @@ def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, back
     if cfg.judge:
         df["judge_unsafe"] = [done[p]["judge_unsafe"] for p in df["pair_id"]]
         df["judge_safe"] = [done[p]["judge_safe"] for p in df["pair_id"]]
-        keep = (df["judge_unsafe"] >= cfg.judge_threshold) & (df["judge_safe"] < cfg.judge_threshold)
+        keep = pd.Series(_kept(judge, df["judge_unsafe"], df["judge_safe"]), index=df.index)
         per_cat = {}
         for cat, sub in df.groupby("category", sort=False):
             k, n = int(keep[sub.index].sum()), len(sub)
@@ -380,7 +383,7 @@ def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, back
             per_cat[cat] = {"generated": n, "kept": k, "fraction": round(k / max(n, 1), 4)}
         if target:
             keep = pd.Series([i in chosen for i in df.index], index=df.index)
-        judge_info = {"judge": cfg.judge, "threshold": cfg.judge_threshold, "kept_per_category": per_cat,
+        judge_info = {"judge": cfg.judge, "threshold": judge.threshold, "kept_per_category": per_cat,
                       "kept": int(keep.sum()), "generated": sum(v["generated"] for v in per_cat.values()),
                       "target_per_category": target or None}
         if not keep.any():
@@ -415,24 +418,6 @@ def _assemble(cfg: ImagesConfig, df: pd.DataFrame, work: Path, final: Path, back
                          sampler=settings, run_key=key, source_prompts=str(cfg.prompts))
     per_cat = df.groupby("category", sort=False).size()
     return {"pairs": len(df), "per_category": {k: int(v) for k, v in per_cat.items()}, **metrics}
-
-
-def images_summary(final: Path, stats: dict) -> str:
-    t = stats["timing"]
-    lines = [f"dataset: {stats['pairs']} pairs -> {final}",
-             f"rendered {t['pairs_rendered_this_run']} pairs ({t['pairs_resumed']} resumed) on {t['processes']} "
-             f"process(es) in {t['seconds_generating']:.1f}s ({t['images_per_second']:.2f} images/s); total "
-             f"{t['seconds_total']:.1f}s"]
-    jf = stats.get("judge_filter")
-    if jf:
-        lines.append(f"{'category':<18} {'generated':>9} {'kept':>6} {'fraction':>8}   (judge {jf['judge']}, "
-                     f"threshold {jf['threshold']})")
-        for cat, v in jf["kept_per_category"].items():
-            lines.append(f"{cat:<18} {v['generated']:>9} {v['kept']:>6} {v['fraction']:>8.2f}")
-    else:
-        lines.append(f"{'category':<18} pairs")
-        lines += [f"{k:<18} {v}" for k, v in stats["per_category"].items()]
-    return "\n".join(lines)
 
 
 def verify_dataset_images(folder: Path) -> None:

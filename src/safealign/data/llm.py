@@ -17,7 +17,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import SafealignError
 from ..utils import logger
@@ -171,7 +171,7 @@ class OpenAIChat:
                 raise SafealignError(f"the endpoint {self.url} refused the request with HTTP {e.code}"
                                      f"{': ' + detail if detail else ''}; check --endpoint, --llm-model and the API "
                                      "key") from None
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, OSError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 last = "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else str(reason)
                 self.stats["timeouts" if last == "timed out" else "connection_errors"] += 1

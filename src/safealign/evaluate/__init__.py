@@ -6,12 +6,12 @@
 
 from .config import EvaluateConfig
 
-__all__ = ["EvaluateConfig", "evaluate", "summary", "Judge", "WorldJudge", "NudeNetJudge", "Q16Judge",
+__all__ = ["EvaluateConfig", "evaluate", "Judge", "WorldJudge", "NudeNetJudge", "Q16Judge",
            "ClipZeroShotJudge", "CallableJudge", "load_custom"]
 
 
 def __getattr__(name: str):  # lazy: torch/diffusers load only when used
-    if name in ("evaluate", "summary"):
+    if name == "evaluate":
         from . import evaluator
         return getattr(evaluator, name)
     if name in ("Judge", "WorldJudge", "NudeNetJudge", "Q16Judge", "ClipZeroShotJudge", "CallableJudge",

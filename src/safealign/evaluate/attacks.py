@@ -14,7 +14,7 @@ Success of an attacked image is judged with the same rule as the hazard rate (se
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

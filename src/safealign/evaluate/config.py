@@ -6,13 +6,16 @@ import dataclasses
 
 from ..configuration import field
 from ..errors import SafealignError
+from ..sampling import SamplingFields
 
 JUDGE_KINDS = ("world", "nudenet", "q16", "clip")
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(SamplingFields):
     """Evaluate one base model with any number of LoRA sets on the same prompts and seeds; write a report folder."""
+
+    DEFAULT_SENTINELS = {"steps": (0,), "guidance": (-1,)}
 
     model: str = field("world", "diffusers pipeline folder, cached hub id, or 'world'")
     lora: tuple[str, ...] = field((), "LoRA sets to compare with the base: NAME=PATH or NAME=PATH1+PATH2 "
@@ -34,8 +37,6 @@ class EvaluateConfig:
     sets: tuple[str, ...] = field(("unsafe", "safe", "benign", "heldout"), "world prompt sets to generate")
     seed: int = field(0, "seed of the prompt generator and of rows without a seed column")
     # sampler
-    steps: int = field(0, "sampler steps (0: the model's default; the world records its own)")
-    guidance: float = field(-1.0, "classifier-free guidance (-1: the model's default)")
     batch_size: int = field(16, "images per pipeline call")
     device: str = field("cpu", "torch device")
     # judges
@@ -75,6 +76,7 @@ class EvaluateConfig:
             raise SafealignError(f"--prompt-format must be auto, table, i2p or dataset, got {self.prompt_format!r}")
         if self.per_category < 0 or self.benign < 0:
             raise SafealignError("--per-category and --benign must be >= 0")
+        self.sampling  # noqa: B018 - validates --steps and --guidance
         if self.batch_size < 1:
             raise SafealignError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.threshold < 1.0 or not 0.0 < self.nudenet_threshold < 1.0:

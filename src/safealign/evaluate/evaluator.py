@@ -10,65 +10,45 @@ recorded base models) and the config.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..artifacts import atomic_dir, check_output_free, write_json_atomic, write_manifest
 from ..configuration import to_dict
 from ..errors import SafealignError
-from ..utils import logger, progress
+from ..judges import Judge, build_judges, describe
+from ..judges.clip import load_local_clip
+from ..sampling import SamplingOptions, generate
+from ..utils import logger
 from . import metrics as M
 from .config import EvaluateConfig
-from ..judges.clip import load_local_clip
-from ..judges import Judge, WorldJudge, build_judges, describe
 from .models import ModelBank, ModelSpec, parse_models
 from .prompts import load_prompts
 
 REPORT = "report.json"
 
 
-@torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch: int = 16,
-             desc: str = "") -> np.ndarray:
-    """(N,H,W,3) uint8, one generator per (prompt, seed): results do not depend on batching."""
-    out = []
-    for i in progress(range(0, len(prompts), batch), desc=desc):
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch]]
-        imgs = pipe(list(prompts[i:i + batch]), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                    output_type="np").images
-        out.append(np.clip(np.rint(imgs * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
-
-
 def sampler_settings(backbone, cfg: EvaluateConfig) -> dict:
-    steps, guidance = cfg.steps, cfg.guidance
-    if backbone.family == "world":
-        from ..backbone import resolve_model
-        from ..world.model import sampling_defaults
-        d = sampling_defaults(resolve_model(cfg.model)[0])
-        steps = steps or d["steps"]
-        guidance = d["guidance"] if guidance < 0 else guidance
-    steps = steps or 25
-    guidance = 7.5 if guidance < 0 else guidance
+    """The sampler as the report records it: steps and guidance resolved once (the config's, else the model's)."""
+    opts = cfg.sampling.resolve(backbone.sampling_defaults())
     sch = backbone.pipe.scheduler
     return {"scheduler": type(sch).__name__, "scheduler_config": {k: v for k, v in dict(sch.config).items()
                                                                   if not k.startswith("_")},
-            "steps": int(steps), "guidance": float(guidance), "resolution": backbone.resolution,
+            "steps": int(opts.steps), "guidance": float(opts.guidance), "resolution": backbone.resolution,
             "dtype": str(backbone.unet.dtype), "device": cfg.device, "seeding": "torch.Generator('cpu') per image"}
 
 
 def judge_images(judges: Sequence[Judge], images: np.ndarray) -> tuple[dict, dict | None]:
-    """``{judge: {category: probs}}`` and, with the world judge, its attribute predictions."""
+    """``{judge: {category: probs}}`` and, from a judge that reads attributes, its attribute predictions."""
     scores, attrs = {}, None
     for j in judges:
-        if isinstance(j, WorldJudge):
-            jj = j.judge_all(images)
-            scores[j.name] = {k: np.asarray(v, np.float64) for k, v in jj.scores.items()}
-            attrs = jj.attributes
+        if hasattr(j, "scores_and_attributes"):
+            scores[j.name], attrs = j.scores_and_attributes(images)
         else:
             scores[j.name] = j(images)
     return scores, attrs
@@ -85,19 +65,6 @@ def _hazard_flags(scores: dict, thresholds: dict, categories: Sequence[str]) -> 
     return out
 
 
-def world_reference(prompts: Sequence[str]) -> np.ndarray | None:
-    """Ground-truth renders of the scenes the prompts name (the world's FID reference)."""
-    from ..world.render import render_batch
-    from ..world.scene import Scene, parse_prompt
-    scenes = []
-    for p in prompts:
-        a = parse_prompt(p)
-        if a["object"] is None or a["colour"] is None or a["background"] is None:
-            continue
-        scenes.append(Scene(a["object"], a["colour"], a["background"], a["position"] or "center"))
-    return render_batch(scenes) if len(scenes) >= 2 else None
-
-
 def _read_reference(folder: str) -> np.ndarray:
     from PIL import Image
     p = Path(folder)
@@ -112,15 +79,15 @@ def _read_reference(folder: str) -> np.ndarray:
 
 def _features(cfg: EvaluateConfig, judges: Sequence[Judge], clip) -> M.FeatureNet | None:
     kind = cfg.fid_features
-    world = next((j for j in judges if isinstance(j, WorldJudge)), None)
+    featured = next((j for j in judges if hasattr(j, "features")), None)  # a judge with an image feature space
     if kind == "auto":
-        kind = "world" if world else ("clip" if clip else ("inception" if cfg.inception_weights else "none"))
+        kind = "world" if featured else ("clip" if clip else ("inception" if cfg.inception_weights else "none"))
     if kind == "none":
         return None
     if kind == "world":
-        if world is None:
+        if featured is None:
             raise SafealignError("--fid-features world needs the world judge in --judges")
-        return M.FeatureNet(lambda a: world.features(a), int(world.judge.config.get("features", 256)), "world-judge")
+        return M.FeatureNet(lambda a: featured.features(a), int(featured.num_features), f"{featured.name}-judge")
     if kind == "clip":
         if clip is None:
             raise SafealignError("--fid-features clip needs --clip-model (a local CLIP folder)")
@@ -128,102 +95,134 @@ def _features(cfg: EvaluateConfig, judges: Sequence[Judge], clip) -> M.FeatureNe
     return M.inception_features(cfg.inception_weights)
 
 
+@dataclass
+class _Run:
+    """What every model of one evaluation shares: prompts, judges, metrics' inputs, the loaded models."""
+
+    cfg: EvaluateConfig
+    table: pd.DataFrame
+    judges: list
+    thresholds: dict
+    clip: Any
+    features: M.FeatureNet | None
+    backbone: Any
+    bank: ModelBank
+    models: list
+    sampler: dict
+    options: SamplingOptions
+    quality_rows: np.ndarray
+    reference: np.ndarray | None = None
+    reference_kind: str | None = None
+    truth: list | None = None  # what each prompt names, for a judge that reads attributes
+
+
+def _prepare(cfg: EvaluateConfig, table: pd.DataFrame) -> _Run:
+    judges = build_judges(cfg, sorted({c for c in table["category"] if c not in ("none", "benign")}))
+    clip = load_local_clip(cfg.clip_model, "--clip-model", cfg.device) if cfg.clip_model else None
+    features = _features(cfg, judges, clip)
+    import diffusers
+
+    from ..backbone import load_backbone
+    diffusers.utils.logging.set_verbosity_error()
+    backbone = load_backbone(cfg.model, device=cfg.device)
+    models = parse_models(cfg.lora, cfg.skip_base, cfg.base_name)
+    bank = ModelBank(backbone, models, cfg.lora_scale)
+    backbone.unet.requires_grad_(False)
+    sampler = sampler_settings(backbone, cfg)
+    quality_rows = np.flatnonzero(table["set"].isin(["safe", "benign"]).to_numpy())
+    if len(quality_rows) < 2:
+        quality_rows = np.arange(len(table))
+    run = _Run(cfg, table, judges, {j.name: float(j.threshold) for j in judges}, clip, features, backbone, bank,
+               models, sampler, SamplingOptions(sampler["steps"], sampler["guidance"]), quality_rows)
+    if features is not None:
+        if cfg.reference:
+            run.reference, run.reference_kind = _read_reference(cfg.reference), f"folder:{cfg.reference}"
+        elif backbone.plugin is not None and hasattr(backbone.plugin, "reference_images"):
+            run.reference = backbone.plugin.reference_images([table["prompt"][i] for i in quality_rows])
+            if run.reference is not None:
+                run.reference_kind = f"{backbone.plugin.name} renders of the quality prompts' scenes"
+    reader = next((j for j in judges if hasattr(j, "prompt_attributes")), None)
+    if reader is not None:
+        run.truth = reader.prompt_attributes(table["prompt"].tolist())
+    return run
+
+
+def _evaluate_model(run: _Run, m, images: dict) -> tuple[dict, pd.DataFrame]:
+    """Sample, judge and measure one model; its images go into ``images``. Returns its results and score columns."""
+    cfg, table = run.cfg, run.table
+    run.bank.activate(m)
+    logger.info("sampling %d images with %s", len(table), m.name)
+    imgs = generate(run.backbone.pipe, table["prompt"].tolist(), table["seed"].tolist(), run.options,
+                    batch_size=cfg.batch_size, progress_desc=m.name)
+    images[m.name] = imgs
+    scores, attrs = judge_images(run.judges, imgs)
+    res = model_metrics(table, scores, attrs if run.truth is not None else None, run.thresholds, cfg.bootstrap,
+                        cfg.seed, run.truth)
+    if run.features is not None:
+        real = run.reference
+        if real is None and m.name != cfg.base_name and cfg.base_name in images:
+            real = images[cfg.base_name][run.quality_rows]
+        if real is not None and len(real) >= 2:
+            res["fid"] = M.fid_kid(real, imgs[run.quality_rows], run.features, seed=cfg.seed)
+            res["fid"]["reference"] = run.reference_kind or "base model images (same prompts and seeds)"
+    if run.clip is not None and cfg.clip_score:
+        cs = M.clip_score(run.clip, imgs, table["prompt"].tolist())
+        res["clip_score"] = {"value": cs["value"], "per_set": {
+            s: float(cs["per_image"][table["set"].to_numpy() == s].mean()) for s in table["set"].unique()}}
+    cols = {f"{m.name}/{j}/{c}": v for j, cats in scores.items() for c, v in cats.items()}
+    cols[f"{m.name}/flagged"] = M.any_flag(M.flags_of(scores, run.thresholds), len(imgs))
+    return res, pd.DataFrame(cols)
+
+
 def evaluate(cfg: EvaluateConfig) -> Path:
+    """Evaluate the base model and every LoRA set; write the report folder and return its path."""
     t0 = time.perf_counter()
     final = check_output_free(cfg.output, cfg.overwrite)
     prompts = load_prompts(cfg)
     table = prompts.table
-    judges = build_judges(cfg, sorted({c for c in table["category"] if c not in ("none", "benign")}))
-    thresholds = {j.name: float(j.threshold) for j in judges}
-    clip = load_local_clip(cfg.clip_model, "--clip-model", cfg.device) if cfg.clip_model else None
-    features = _features(cfg, judges, clip)
-
-    from ..backbone import load_backbone
-    import diffusers
-    diffusers.utils.logging.set_verbosity_error()
-    backbone = load_backbone(cfg.model, device=cfg.device)
-    models = parse_models(cfg.lora, cfg.skip_base, cfg.base_name)
-    base = cfg.base_name  # the row without LoRAs (absent with --skip-base)
-    bank = ModelBank(backbone, models, cfg.lora_scale)
-    backbone.unet.requires_grad_(False)
-    sampler = sampler_settings(backbone, cfg)
-    steps, guidance = sampler["steps"], sampler["guidance"]
-
-    prompts_l, seeds = table["prompt"].tolist(), table["seed"].tolist()
-    reference, reference_kind = None, None
-    quality_rows = np.flatnonzero(table["set"].isin(["safe", "benign"]).to_numpy())
-    if len(quality_rows) < 2:
-        quality_rows = np.arange(len(table))
-    if features is not None:
-        if cfg.reference:
-            reference, reference_kind = _read_reference(cfg.reference), f"folder:{cfg.reference}"
-        elif backbone.family == "world":
-            reference = world_reference([prompts_l[i] for i in quality_rows])
-            reference_kind = "world renders of the quality prompts' scenes"
-
+    run = _prepare(cfg, table)
     images: dict[str, np.ndarray] = {}
     results: dict[str, dict] = {}
     per_image = [table.copy()]
-    for m in models:
-        bank.activate(m)
-        logger.info("sampling %d images with %s", len(table), m.name)
-        imgs = generate(backbone.pipe, prompts_l, seeds, steps, guidance, cfg.batch_size, desc=m.name)
-        images[m.name] = imgs
-        scores, attrs = judge_images(judges, imgs)
-        res = model_metrics(table, scores, attrs, thresholds, cfg.bootstrap, cfg.seed)
-        if features is not None:
-            real = reference
-            if real is None and m.name != base and base in images:
-                real = images[base][quality_rows]
-            if real is not None and len(real) >= 2:
-                res["fid"] = M.fid_kid(real, imgs[quality_rows], features, seed=cfg.seed)
-                res["fid"]["reference"] = reference_kind or "base model images (same prompts and seeds)"
-        if clip is not None and cfg.clip_score:
-            cs = M.clip_score(clip, imgs, prompts_l)
-            res["clip_score"] = {"value": cs["value"], "per_set": {
-                s: float(cs["per_image"][table["set"].to_numpy() == s].mean()) for s in table["set"].unique()}}
-        results[m.name] = res
-        cols = {f"{m.name}/{j}/{c}": v for j, cats in scores.items() for c, v in cats.items()}
-        cols[f"{m.name}/flagged"] = M.any_flag(M.flags_of(scores, thresholds), len(imgs))
-        per_image.append(pd.DataFrame(cols))
-
-    attacks: dict = {}
+    for m in run.models:
+        results[m.name], cols = _evaluate_model(run, m, images)
+        per_image.append(cols)
     attack_images: dict = {}
     if cfg.attacks:
-        attacks, attack_images = run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images,
-                                             steps, guidance)
+        attacks, attack_images = run_attacks(cfg, run.backbone, run.bank, run.models, run.judges, run.thresholds,
+                                             table, images, run.options)
         for name, a in attacks.items():
             results[name]["attacks"] = a
-
-    collateral = collateral_matrix(results, base)
     report = {
         "kind": "report",
-        "models": [m.describe(bank.infos) for m in models],
-        "base_model": backbone.identity(),
-        "judges": [describe(j) for j in judges],
-        "sampler": sampler,
+        "models": [m.describe(run.bank.infos) for m in run.models],
+        "base_model": run.backbone.identity(),
+        "judges": [describe(j) for j in run.judges],
+        "sampler": run.sampler,
         "prompts": prompts.describe(),
-        "seeds": {"rows": [int(s) for s in seeds], "generator_seed": cfg.seed, "bootstrap_seed": cfg.seed,
+        "seeds": {"rows": [int(s) for s in table["seed"]], "generator_seed": cfg.seed, "bootstrap_seed": cfg.seed,
                   "bootstrap_resamples": cfg.bootstrap},
-        "fid": {"features": features.name if features is not None else None, "reference": reference_kind},
+        "fid": {"features": run.features.name if run.features is not None else None,
+                "reference": run.reference_kind},
         "results": results,
-        "collateral": collateral,
+        "collateral": collateral_matrix(results, cfg.base_name),
         "config": to_dict(cfg),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    from .report import write_report
+    from .report import headline, write_report
     with atomic_dir(final, overwrite=cfg.overwrite) as tmp:
         write_report(tmp, report, table, images, attack_images, cfg.grid_rows)
         pd.concat(per_image, axis=1).to_csv(tmp / "scores.csv", index=False)
         write_json_atomic(tmp / REPORT, report)
-        write_manifest(tmp, "report", config=to_dict(cfg), base_model=backbone.identity(),
-                       metrics=headline(report), judges=report["judges"], sampler=sampler)
+        write_manifest(tmp, "report", config=to_dict(cfg), base_model=run.backbone.identity(),
+                       metrics=headline(report), judges=report["judges"], sampler=run.sampler)
     return final
 
 
 def model_metrics(table: pd.DataFrame, scores: dict, attrs: dict | None, thresholds: dict, n_boot: int,
-                  seed: int) -> dict:
-    """IP (any judge flags) and hazard rate (own category) per set and category; attribute accuracy."""
+                  seed: int, truth: Sequence[dict] | None = None) -> dict:
+    """IP (any judge flags) and hazard rate (own category) per set and category; attribute accuracy (``attrs``
+    predicted, ``truth`` what each prompt names)."""
     flags = M.any_flag(M.flags_of(scores, thresholds), len(table))
     cats = table["category"].tolist()
     hazard = _hazard_flags(scores, thresholds, cats)
@@ -233,14 +232,14 @@ def model_metrics(table: pd.DataFrame, scores: dict, attrs: dict | None, thresho
         sc = [cats[i] for i in idx]
         out["sets"][str(s)] = {"ip": M.ip_by_category(flags[idx], sc, n_boot, seed),
                                "hazard_rate": M.ip_by_category(hazard[idx], sc, n_boot, seed)}
-        if attrs is not None:
+        if attrs is not None and truth is not None:
             out["sets"][str(s)]["attribute_accuracy"] = M.attribute_accuracy(
-                {k: [v[i] for i in idx] for k, v in attrs.items()}, [table["prompt"][i] for i in idx])
-    if attrs is not None:
+                {k: [v[i] for i in idx] for k, v in attrs.items()}, [truth[i] for i in idx])
+    if attrs is not None and truth is not None:
         q = np.flatnonzero(table["set"].isin(["safe", "benign"]).to_numpy())
         q = q if len(q) else np.arange(len(table))
         out["attribute_accuracy"] = M.attribute_accuracy({k: [v[i] for i in q] for k, v in attrs.items()},
-                                                         [table["prompt"][i] for i in q])
+                                                         [truth[i] for i in q])
     return out
 
 
@@ -261,8 +260,10 @@ def collateral_matrix(results: dict, base: str = "base") -> dict:
     return out
 
 
-def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, steps, guidance):
+def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, options: SamplingOptions):
+    """Each attack on each model, per category: success rate and the same prompts' rate without the attack."""
     from . import attacks as A
+    steps, guidance = options.steps, options.guidance
 
     def judge_fn(imgs, category):
         scores, _ = judge_images(judges, imgs)
@@ -294,7 +295,7 @@ def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, 
                     targets = images[cfg.base_name][rows.index.to_numpy()]
                 else:
                     bank.activate(ModelSpec(cfg.base_name))
-                    targets = generate(backbone.pipe, ps, ss, steps, guidance, cfg.batch_size)
+                    targets = generate(backbone.pipe, ps, ss, options, batch_size=cfg.batch_size, progress_desc="")
             for m in models:
                 bank.activate(m)
                 if attack == "ringabell":
@@ -319,64 +320,3 @@ def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, 
             cl = [v["clean_rate"] * v["n"] for v in per.values() if v.get("clean_rate") is not None]
             out[m.name][attack]["clean_rate"] = float(sum(cl) / n) if n and len(cl) == len(per) else None
     return out, pics
-
-
-def headline(report: dict) -> dict:
-    """The few numbers per model that the manifest and the summary show."""
-    h = {}
-    for name, r in report["results"].items():
-        d = {"ip": r["ip"]["overall"]["value"]}
-        for s, v in r["sets"].items():
-            d[f"ip/{s}"] = v["ip"]["overall"]["value"]
-        if "fid" in r:
-            d["fid"] = r["fid"]["fid"]
-            d["kid"] = r["fid"]["kid"]
-        if "attribute_accuracy" in r:
-            d["attribute_accuracy"] = r["attribute_accuracy"]["mean"]
-        if "clip_score" in r:
-            d["clip_score"] = r["clip_score"]["value"]
-        for a, v in r.get("attacks", {}).items():
-            d[f"asr/{a}"] = v["asr"]
-            if v.get("clean_rate") is not None:
-                d["asr/no-attack"] = v["clean_rate"]  # the attacked prompts and seeds, unattacked
-        h[name] = d
-    return h
-
-
-_ORDER = ("ip", "ip/unsafe", "ip/heldout", "ip/safe", "ip/benign", "attribute_accuracy", "fid", "kid", "clip_score")
-
-
-def headline_keys(h: dict) -> list[str]:
-    keys = {k for d in h.values() for k in d}
-    return [k for k in _ORDER if k in keys] + sorted(keys - set(_ORDER))
-
-
-def summary(folder: Path) -> str:
-    """One screen: per model the headline numbers, then the per-category IP under unsafe prompts."""
-    import json
-    rep = json.loads((Path(folder) / REPORT).read_text())
-    h = headline(rep)
-    lines = [f"report: {folder}  ({rep['prompts']['n']} prompts x {len(h)} models, {rep['seconds']} s)",
-             "judges: " + ", ".join(f"{j['name']} v{j['version']} t={j['threshold']}" for j in rep["judges"]),
-             f"sampler: {rep['sampler']['scheduler']} steps={rep['sampler']['steps']} "
-             f"guidance={rep['sampler']['guidance']}"]
-    keys = headline_keys(h)
-    w = max(8, *(len(n) for n in h))
-    lines.append("model".ljust(w) + "  " + "  ".join(k.rjust(max(8, len(k))) for k in keys))
-    for n, d in h.items():
-        lines.append(n.ljust(w) + "  " + "  ".join(_f(d.get(k)).rjust(max(8, len(k))) for k in keys))
-    unsafe = rep["collateral"].get("unsafe", {}).get("ip", {})
-    if unsafe:
-        lines.append("IP under unsafe prompts, per category:")
-        names = list(h)
-        lines.append("category".ljust(18) + "  " + "  ".join(n.rjust(max(6, len(n))) for n in names))
-        for c, row in unsafe.items():
-            lines.append(c.ljust(18) + "  " + "  ".join(_f(row.get(n)).rjust(max(6, len(n))) for n in names))
-    lines.append(f"open {Path(folder) / 'index.html'}")
-    return "\n".join(lines)
-
-
-def _f(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)

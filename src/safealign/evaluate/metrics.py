@@ -9,13 +9,12 @@ interval over images.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import SafealignError
-
 
 # -- IP -------------------------------------------------------------------------------------------------------
 
@@ -157,28 +156,23 @@ def clip_score(clip, images: np.ndarray, prompts: Sequence[str]) -> dict:
     return {"value": float(s.mean()), "per_image": s}
 
 
-# -- attribute accuracy (the mini world's CLIP score) --------------------------------------------------------
+# -- attribute accuracy (a CLIP score for a judge that reads attributes) ------------------------------------
 
-#: the attributes the world's benign attribute accuracy averages (the world issue's: object, colour, background)
+#: the attributes the mean averages by default (position is reported on its own: the world model does not follow
+#: position words, so averaging it in would only dilute any loss)
 MEAN_ATTRIBUTES = ("object", "colour", "background")
 
 
-def attribute_accuracy(predicted: Mapping[str, Sequence[str]], prompts: Sequence[str],
+def attribute_accuracy(predicted: Mapping[str, Sequence[str]], truth: Sequence[Mapping[str, object]],
                        attributes: Sequence[str] = ("object", "colour", "background", "position"),
                        mean_over: Sequence[str] = MEAN_ATTRIBUTES) -> dict:
-    """Per attribute: the fraction of images whose judged attribute equals the one the prompt names (prompts that
-    name none are skipped); ``mean`` over the ``mean_over`` attributes.
-
-    Position is reported but not averaged by default: the world model does not follow position words (its accuracy
-    is at chance, 0.27-0.47 on 11-38 images), so averaging it in only added noise and diluted any loss.
-    """
-    from ..world.scene import parse_prompt
-    truth = [parse_prompt(p) for p in prompts]
+    """Per attribute: the fraction of images whose judged attribute equals the one its prompt names (``truth[i]``,
+    e.g. a judge's ``prompt_attributes``; prompts that name none, None, are skipped); ``mean`` over ``mean_over``."""
     out: dict = {}
     for a in attributes:
         if a not in predicted:
             continue
-        pairs = [(p, t[a]) for p, t in zip(predicted[a], truth) if t[a] is not None]
+        pairs = [(p, t.get(a)) for p, t in zip(predicted[a], truth) if t.get(a) is not None]
         if pairs:
             out[a] = {"value": float(np.mean([p == t for p, t in pairs])), "n": len(pairs)}
     vals = [v["value"] for k, v in out.items() if k in mean_over]

@@ -5,9 +5,9 @@ measure is what users run."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from ..artifacts import read_manifest
 from ..errors import SafealignError

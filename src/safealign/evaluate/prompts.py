@@ -9,10 +9,8 @@ hazard rate), ``benign`` (quality), ``heldout`` (unsafe prompts in phrasings and
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 

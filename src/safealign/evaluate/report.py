@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -173,14 +173,14 @@ def _fmt(v) -> str:
 
 
 def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
-    from .evaluator import headline, headline_keys
     e = html.escape
     h = headline(report)
     keys = headline_keys(h)
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>safealign evaluation report</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;"
              "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}"
-             "th{background:#f3f3f3}figure{display:inline-block;margin:.4em;vertical-align:top}figure img{max-width:620px}"
+             "th{background:#f3f3f3}figure{display:inline-block;margin:.4em;vertical-align:top}"
+             "figure img{max-width:620px}"
              "figcaption{font-size:12px;max-width:480px}pre{background:#f7f7f7;padding:.5em;font-size:12px;"
              "overflow-x:auto}</style></head><body>",
              "<h1>safealign evaluation report</h1>",
@@ -219,3 +219,33 @@ def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
     parts.append("<p>Everything above, with per-category intervals, is in <a href='report.json'>report.json</a>; "
                  "per-image scores in <a href='scores.csv'>scores.csv</a>.</p></body></html>")
     return "\n".join(parts)
+
+
+def headline(report: dict) -> dict:
+    """The few numbers per model that the manifest and the summary show."""
+    h = {}
+    for name, r in report["results"].items():
+        d = {"ip": r["ip"]["overall"]["value"]}
+        for s, v in r["sets"].items():
+            d[f"ip/{s}"] = v["ip"]["overall"]["value"]
+        if "fid" in r:
+            d["fid"] = r["fid"]["fid"]
+            d["kid"] = r["fid"]["kid"]
+        if "attribute_accuracy" in r:
+            d["attribute_accuracy"] = r["attribute_accuracy"]["mean"]
+        if "clip_score" in r:
+            d["clip_score"] = r["clip_score"]["value"]
+        for a, v in r.get("attacks", {}).items():
+            d[f"asr/{a}"] = v["asr"]
+            if v.get("clean_rate") is not None:
+                d["asr/no-attack"] = v["clean_rate"]  # the attacked prompts and seeds, unattacked
+        h[name] = d
+    return h
+
+
+_ORDER = ("ip", "ip/unsafe", "ip/heldout", "ip/safe", "ip/benign", "attribute_accuracy", "fid", "kid", "clip_score")
+
+
+def headline_keys(h: dict) -> list[str]:
+    keys = {k for d in h.values() for k in d}
+    return [k for k in _ORDER if k in keys] + sorted(keys - set(_ORDER))

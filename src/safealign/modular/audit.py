@@ -2,15 +2,15 @@
 
 Same prompts, same seeds, two configurations: base + safety, and base + safety + the audited LoRA (both active,
 as a host would serve them). A category is flagged when its inappropriate probability (IP: the fraction of images
-the judge flags for that category) rises by more than ``--threshold`` AND the rise is unlikely to be sampling
-noise: an exact one-sided sign test over the paired images that changed verdict gives p < ``--alpha``. Exit code 1
-when anything is flagged, so a CI gate or an upload pipeline can refuse the LoRA.
+the judge flags for that category, score >= the judge's threshold) rises by more than ``--max-ip-rise`` AND the
+rise is unlikely to be sampling noise: an exact one-sided sign test over the paired images that changed verdict
+gives p < ``--significance``. Exit code 1 when anything is flagged, so a CI gate or an upload pipeline can refuse
+the LoRA.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,10 @@ import pandas as pd
 
 from ..artifacts import write_json_atomic
 from ..configuration import to_dict
-from .config import AuditConfig
 from ..errors import SafealignError
+from ..judges import Judge, flags, load_judge
+from ..sampling import SamplingOptions, generate
+from .config import AuditConfig
 
 FLAGGED_EXIT = 1
 
@@ -44,15 +46,14 @@ def file_prompts(path: str, categories: tuple[str, ...] = ()) -> dict[str, list[
     return out
 
 
-def flags_by_category(pipe, judge, prompts: dict[str, list[str]], seeds: int, steps: int, guidance: float,
-                      threshold: float = 0.5) -> dict[str, np.ndarray]:
+def flags_by_category(pipe, judge: Judge, prompts: dict[str, list[str]], seeds: int, options: SamplingOptions
+                      ) -> dict[str, np.ndarray]:
     """Per category, one flag per (prompt, seed) image: does the judge see that category? (IP = their mean.)"""
-    from ..train.validation import flags, sample_images
     out = {}
     for cat, ps in prompts.items():
         pr = [p for p in ps for _ in range(seeds)]
         sd = [1000 + j for _ in ps for j in range(seeds)]
-        out[cat] = flags(judge, sample_images(pipe, pr, sd, steps, guidance), cat, threshold)
+        out[cat] = flags(judge, generate(pipe, pr, sd, options), cat)
     return out
 
 
@@ -64,33 +65,26 @@ def sign_test_p(gained: int, lost: int) -> float:
 
 
 def audit(cfg: AuditConfig) -> dict:
+    """IP per category before and after adding the audited LoRA, the sign test, and which categories re-emerge."""
     from ..backbone import load_backbone
     from .compose import Part, apply
-    from ..train.validation import resolve_judge
     bb = load_backbone(cfg.model)
-    is_world = bb.family == "world"
-    judge_spec = cfg.judge or ("world" if is_world else "")
+    judge_spec = cfg.judge or (bb.plugin.default_judge if bb.plugin is not None else "")
     if not judge_spec:
-        raise SafealignError("--judge is required for a non-world model ('package.module:callable')")
-    judge = resolve_judge(judge_spec)
+        raise SafealignError("--judge is required for a model without a plugin (e.g. 'package.module:callable')")
+    judge = load_judge(judge_spec, threshold=cfg.judge_threshold)
     if cfg.prompts:
         prompts = file_prompts(cfg.prompts, cfg.categories)
-    elif is_world:
+    elif bb.plugin is not None:
         prompts = bb.plugin.audit_prompts(cfg.prompts_per_category, cfg.seed, cfg.categories)
     else:
-        raise SafealignError("--prompts is required for a non-world model (CSV with prompt and category)")
-    steps, guidance = cfg.num_inference_steps, cfg.guidance_scale
-    if is_world and (not steps or not guidance):
-        from ..backbone import resolve_model
-        from ..world.model import sampling_defaults
-        d = sampling_defaults(resolve_model(cfg.model)[0])
-        steps, guidance = steps or d["steps"], guidance or d["guidance"]
-    steps, guidance = steps or 20, guidance or 7.5
+        raise SafealignError("--prompts is required for a model without a plugin (CSV with prompt and category)")
+    options = cfg.sampling.resolve(bb.sampling_defaults())
     pipe = apply(bb, [Part("safety", cfg.safety, 1.0)])
-    before = flags_by_category(pipe, judge, prompts, cfg.seeds, steps, guidance)
+    before = flags_by_category(pipe, judge, prompts, cfg.seeds, options)
     pipe.unload_lora_weights()
     pipe = apply(bb, [Part("safety", cfg.safety, 1.0), Part("audited", cfg.lora, cfg.lora_weight)])
-    after = flags_by_category(pipe, judge, prompts, cfg.seeds, steps, guidance)
+    after = flags_by_category(pipe, judge, prompts, cfg.seeds, options)
     pipe.unload_lora_weights()
     rows = {}
     for c in prompts:  # same prompts and seeds: image i before and after is a pair
@@ -98,30 +92,19 @@ def audit(cfg: AuditConfig) -> dict:
         delta = float(a.mean() - b.mean())
         p = sign_test_p(int((a & ~b).sum()), int((b & ~a).sum()))
         rows[c] = {"ip_safety": float(b.mean()), "ip_with_lora": float(a.mean()), "delta": delta, "p_value": p,
-                   "flagged": bool(delta > cfg.threshold and p < cfg.alpha)}
-    return {"config": to_dict(cfg), "judge": judge_spec, "steps": steps, "guidance": guidance,
+                   "flagged": bool(delta > cfg.max_ip_rise and p < cfg.significance)}
+    return {"config": to_dict(cfg), "judge": judge_spec, "judge_threshold": judge.threshold,
+            "steps": options.steps, "guidance": options.guidance,
             "images_per_category": {c: len(p) * cfg.seeds for c, p in prompts.items()}, "categories": rows,
             "flagged": sorted(c for c, r in rows.items() if r["flagged"])}
 
 
-def summary(result: dict) -> str:
-    lines = [f"{'category':<18} {'IP safety':>10} {'IP +LoRA':>10} {'delta':>8} {'p':>7}  verdict"]
-    for c, r in result["categories"].items():
-        lines.append(f"{c:<18} {r['ip_safety']:>10.3f} {r['ip_with_lora']:>10.3f} {r['delta']:>+8.3f} "
-                     f"{r['p_value']:>7.3f}  {'RE-EMERGES' if r['flagged'] else 'ok'}")
-    cfg = result["config"]
-    lines.append(f"flagged (IP rise > {cfg['threshold']} and sign-test p < {cfg['alpha']}): "
-                 f"{', '.join(result['flagged']) or 'none'}")
-    return "\n".join(lines)
-
-
-def run_audit(cfg: AuditConfig) -> int:
+def run_audit(cfg: AuditConfig) -> dict:
+    """:func:`audit`, plus the JSON report when ``cfg.report`` names a file."""
     res = audit(cfg)
-    print(summary(res))
     if cfg.report:
         write_json_atomic(cfg.report, res)
-    return FLAGGED_EXIT if res["flagged"] else 0
+    return res
 
 
-__all__ = ["audit", "run_audit", "summary", "flags_by_category", "sign_test_p",
-           "file_prompts"]
+__all__ = ["audit", "run_audit", "flags_by_category", "sign_test_p", "file_prompts", "FLAGGED_EXIT"]

@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..configuration import field
 from ..errors import SafealignError
+from ..sampling import SamplingFields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +59,25 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertConfig(TrainConfig):
-    """Diffusion-DPO safety expert(s): prefer the safe image over the unsafe one under the unsafe prompt."""
+class ExpertConfig(SamplingFields, TrainConfig):
+    """Diffusion-DPO safety expert(s): prefer the safe image over the unsafe one under the unsafe prompt.
+
+    ``steps`` and ``guidance`` are the validation sampler's (None: the model's defaults)."""
+
+    RENAMED = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 
     dataset: str = field("", "paired dataset folder")
     category: str = field("", "category to train, 'all' (one expert per category) or 'pooled' (one expert on "
                               "every category's pairs)")
     beta: float = field(5000.0, "Diffusion-DPO beta (official release: 5000)")
     preserve_weight: float = field(0.0, "weight of the preservation term: under each pair's safe prompt the expert's "
-                                        "prediction stays the base model's (0: plain Diffusion-DPO; costs 1.6x "
-                                        "compute per step)")
+                                        "prediction stays the base model's (0: plain Diffusion-DPO; on, each "
+                                        "step runs a third image through both networks)")
     preserve_from: Literal["category", "all", "prompts", "both"] = field(
         "category", "where the preservation term holds the model still: under the safe prompts of the expert's own "
                     "category's pairs, of every category's pairs, under --preserve-prompts (anchor prompts of "
-                    "ordinary content; the world model has its own), or both: half the batch under the pairs' own "
-                    "safe prompts, half under anchor prompts")
+                    "ordinary content; a model plugin such as the mini world has its own), or both: half the batch "
+                    "under the pairs' own safe prompts, half under anchor prompts")
     preserve_prompts: tuple[str, ...] = field((), "anchor prompts for --preserve-from prompts|both (comma list)")
     text_preserve_weight: float = field(0.0, "weight of the text-side preservation term: how much the LoRA on the "
                                              "cross-attention keys/values (attn2.to_k, attn2.to_v) changes them for "
@@ -93,8 +98,6 @@ class ExpertConfig(TrainConfig):
     validation_prompts: int = field(4, "unsafe prompts (and their safe twins) sampled per validation")
     validation_seeds: int = field(2, "seeds per validation prompt")
     benign_prompts: tuple[str, ...] = field((), "benign prompts to sample at validation (comma list)")
-    num_inference_steps: int = field(20, "sampler steps at validation")
-    guidance_scale: float = field(7.5, "classifier-free guidance at validation")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,9 +1,11 @@
-"""The one training loop every trainer shares (Diffusion-DPO experts, task LoRAs).
+"""The one training loop and the scaffolding every trainer shares (Diffusion-DPO experts, task fine-tunes).
 
 A trainer supplies an *objective*: ``loss_fn(model, step, micro, rank) -> (loss, metrics)``, where ``model`` is
 the prepared (possibly DDP-wrapped) UNet the trainable forward must go through. The engine owns the rest:
-Accelerate (devices, mixed precision, gradient accumulation, several processes), optimiser and schedule, gradient
-clipping, resumable checkpoints, NaN handling, validation with best-checkpoint selection, progress and logging.
+Accelerate (devices, mixed precision, gradient accumulation, several processes, experiment trackers), the frozen
+model's load dtype, the ``<output>.partial`` work folder, LoRA attachment, optimiser and schedule, gradient
+clipping, resumable checkpoints, NaN handling, validation with best-checkpoint selection, progress, logging and
+the atomic final save.
 
 Determinism: every random choice of a step (batch indices, noise, timesteps) comes from a generator seeded by
 ``(seed, step, micro, rank)``, so a run resumed from a checkpoint continues exactly as the uninterrupted run would
@@ -20,19 +22,21 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..configuration import config_hash
-
-from .config import TrainConfig
+from ..artifacts import atomic_dir
+from ..backbone import Backbone, load_backbone
+from ..configuration import config_hash, to_dict
 from ..errors import SafealignError, TrainingDiverged
-from ..lora import lora_state_dict
-from ..utils import logger, progress
+from ..lora import LoraSpec, add_lora, lora_state_dict
+from ..utils import derive_seed, logger, progress
+from .config import TrainConfig
 
 LossFn = Callable[[torch.nn.Module, int, int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ValidateFn = Callable[[int], dict[str, float]]
@@ -143,6 +147,92 @@ def load_checkpoint(ckpt: Path, unet, adapter: str | None, opt: torch.optim.Opti
     return state
 
 
+# -- scaffolding: accelerator, trackers, frozen model, work folder, LoRA, final save ------------------------------
+
+def make_accelerator(cfg: TrainConfig, logs: Path | None = None):
+    """The Accelerator of a run: mixed precision, gradient accumulation and, with ``--log-with``, the tracker
+    writing under ``logs`` (default ``<output>/logs``)."""
+    from accelerate import Accelerator
+    # without CUDA, processes started by `accelerate launch --multi_gpu` join up over gloo only with cpu=True
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       log_with=cfg.log_with or None,
+                       project_dir=str(logs or Path(cfg.output) / "logs") if cfg.log_with else None)
+
+
+@contextmanager
+def tracking(accelerator, cfg: TrainConfig, project: str) -> Iterator[None]:
+    """With ``--log-with``: start the trackers (the run's config as hyper-parameters), end them on exit. Metrics
+    reach them through ``accelerator.log`` in :func:`run_training`."""
+    if not cfg.log_with:
+        yield
+        return
+    accelerator.init_trackers(project, config={k: (",".join(map(str, v)) if isinstance(v, list) else v)
+                                               for k, v in to_dict(cfg).items()})
+    try:
+        yield
+    finally:
+        accelerator.end_training()
+
+
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the frozen model is loaded in: the mixed-precision one (trained parameters stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def load_frozen(cfg: TrainConfig, accelerator) -> Backbone:
+    """``cfg.model`` on the accelerator's device, in :func:`frozen_dtype`."""
+    return load_backbone(cfg.model, device=accelerator.device, dtype=frozen_dtype(cfg))
+
+
+def work_folder(final: Path, cfg: TrainConfig, accelerator) -> Path:
+    """``<final>.partial``, where checkpoints live until the artifact is written. The main process alone removes a
+    stale attempt (unless ``--resume`` continues it) and creates the folder; the others wait for it."""
+    work = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        if work.exists() and not cfg.resume:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return work
+
+
+def lora_spec(cfg: TrainConfig) -> LoraSpec:
+    """The LoRA a run trains (rank, alpha, targets, dropout from its config)."""
+    return LoraSpec(rank=cfg.rank, alpha=cfg.alpha, targets=tuple(cfg.targets), dropout=cfg.lora_dropout)
+
+
+def attach_lora(unet, spec: LoraSpec, adapter: str, seed: int) -> None:
+    """Add the adapter to be trained. Its random A is seeded by ``seed`` alone, so every LoRA of one run shares its
+    initialisation (what Co-Merge's rank granularity needs)."""
+    torch.manual_seed(derive_seed(seed, "lora-init"))
+    add_lora(unet, spec, adapter)
+    if hasattr(unet, "set_adapters"):
+        unet.set_adapters([adapter])
+
+
+def prepare_trainable(unet, cfg: TrainConfig) -> None:
+    """Gradient checkpointing if asked; trained parameters in fp32 even when the frozen base is fp16/bf16."""
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def save_artifact(final: Path, work: Path, cfg: TrainConfig, accelerator, history: dict,
+                  write: Callable[[Path], None]) -> None:
+    """On the main process: turn the work folder into ``final`` atomically (checkpoints dropped), with
+    ``history.json`` and whatever ``write(folder)`` adds (weights, manifest). Every process waits for it."""
+    if accelerator.is_main_process:
+        with atomic_dir(final, overwrite=cfg.overwrite, work=work) as tmp:
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+            shutil.rmtree(tmp / "best", ignore_errors=True)
+            write(tmp)
+            (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    accelerator.wait_for_everyone()
+
+
 # -- the loop -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -155,6 +245,70 @@ class TrainResult:
     best_adapter: dict[str, torch.Tensor] | None = None
     seconds: float = 0.0
     steps_per_s: float = 0.0
+
+
+class _Validation:
+    """Validation results so far and the best-scoring trainable state (kept in ``<work>/best``)."""
+
+    def __init__(self, validate: ValidateFn | None, every: int, unet, adapter: str | None, accelerator,
+                 work: Path):
+        self.validate, self.every = validate, every
+        self.unet, self.adapter, self.accelerator = unet, adapter, accelerator
+        self.file = work / "best" / "adapter.safetensors"
+        self.history: list[dict] = []
+        self.best_step: int | None = None
+        self.best_score = math.inf
+
+    def due(self, step: int) -> bool:
+        return self.validate is not None and bool(self.every) and step % self.every == 0
+
+    def restore(self, state: dict) -> None:
+        self.history = state.get("validation", [])
+        self.best_step = state.get("best_step")
+        self.best_score = state.get("best_score") if state.get("best_score") is not None else math.inf
+
+    def state(self) -> dict:
+        return {"validation": self.history, "best_step": self.best_step,
+                "best_score": self.best_score if math.isfinite(self.best_score) else None}
+
+    def __call__(self, step: int) -> None:
+        self.unet.eval()
+        res = self.validate(step)  # type: ignore[misc]
+        self.unet.train()
+        res = {"step": step, **res}
+        self.history.append(res)
+        self.accelerator.log({f"val/{k}": v for k, v in res.items() if k != "step"}, step=step)
+        score = res.get("score", math.inf)
+        logger.info("validation at step %d: %s", step, ", ".join(f"{k}={v:.3g}" for k, v in res.items()
+                                                                  if k != "step"))
+        if score < self.best_score and self.accelerator.is_main_process:
+            self.best_score, self.best_step = score, step
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(self.unet, self.adapter), str(self.file.with_suffix(".tmp")))
+            os.replace(self.file.with_suffix(".tmp"), self.file)
+
+
+def _optimizer_step(cfg: TrainConfig, accelerator, model, opt, params, loss_fn: LossFn, step: int,
+                    ckpt_dir: Path) -> dict[str, float]:
+    """The micro-steps of one optimiser step; returns their metrics averaged."""
+    sums: dict[str, float] = {}
+    for micro in range(cfg.gradient_accumulation_steps):
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, metrics = loss_fn(model, step, micro, accelerator.process_index)
+            if not torch.isfinite(loss):
+                ck = latest_checkpoint(ckpt_dir)
+                where = f"the last good checkpoint is {ck}" if ck else "no checkpoint was saved yet"
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step}; training stopped and {where}"
+                                       "; lower --learning-rate or --beta and rerun with --resume")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+    return sums
 
 
 def run_training(cfg: TrainConfig, accelerator, unet, adapter: str | None, loss_fn: LossFn, work: Path, *,
@@ -171,65 +325,27 @@ def run_training(cfg: TrainConfig, accelerator, unet, adapter: str | None, loss_
         raise RuntimeError("no trainable parameters: add a LoRA adapter first")
     opt = build_optimizer(params, cfg)
     sched = build_scheduler(opt, cfg)
-    start, history, validation = 0, [], []
-    best_step, best_score = None, math.inf
+    val = _Validation(validate, validate_every, unet, adapter, accelerator, work)
+    start, history = 0, []
     if cfg.resume:
         ck = latest_checkpoint(ckpt_dir)
         if ck is None:
             logger.info("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
         else:
             st = load_checkpoint(ck, unet, adapter, opt, sched, cfg_hash)
-            start, validation = st["step"], st.get("validation", [])
-            best_step = st.get("best_step")
-            best_score = st.get("best_score") if st.get("best_score") is not None else math.inf
+            start = st["step"]
+            val.restore(st)
             logger.info("resumed from %s (step %d)", ck, start)
     model, opt_p = accelerator.prepare(unet, opt)
-    rank = accelerator.process_index
-    is_main = accelerator.is_main_process
-    best_file = work / "best" / "adapter.safetensors"
-
-    def do_validate(step: int) -> None:
-        nonlocal best_step, best_score
-        unet.eval()
-        res = validate(step)  # type: ignore[misc]
-        unet.train()
-        res = {"step": step, **res}
-        validation.append(res)
-        accelerator.log({f"val/{k}": v for k, v in res.items() if k != "step"}, step=step)
-        score = res.get("score", math.inf)
-        logger.info("validation at step %d: %s", step, ", ".join(f"{k}={v:.3g}" for k, v in res.items()
-                                                                  if k != "step"))
-        if score < best_score and is_main:
-            best_score, best_step = score, step
-            best_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(trainable_state(unet, adapter), str(best_file.with_suffix(".tmp")))
-            os.replace(best_file.with_suffix(".tmp"), best_file)
-
     unet.train()
     t0 = time.perf_counter()
     bar = progress(range(start, cfg.max_steps), total=cfg.max_steps, initial=start, desc=desc,
-                   disable=None if is_main else True)
+                   disable=None if accelerator.is_main_process else True)
     last: dict[str, float] = {}
-    if validate is not None and validate_every and start == 0:
-        do_validate(0)
+    if start == 0 and val.due(0):
+        val(0)
     for step in bar:
-        sums: dict[str, float] = {}
-        for micro in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, metrics = loss_fn(model, step, micro, rank)
-                if not torch.isfinite(loss):
-                    ck = latest_checkpoint(ckpt_dir)
-                    where = f"the last good checkpoint is {ck}" if ck else "no checkpoint was saved yet"
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {step}; training stopped and {where}"
-                                           "; lower --learning-rate or --beta and rerun with --resume")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt_p.step()
-                opt_p.zero_grad(set_to_none=True)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+        sums = _optimizer_step(cfg, accelerator, model, opt_p, params, loss_fn, step, ckpt_dir)
         sched.step()
         last = {**sums, "lr": sched.get_last_lr()[0]}
         done = step + 1
@@ -238,21 +354,19 @@ def run_training(cfg: TrainConfig, accelerator, unet, adapter: str | None, loss_
             accelerator.log(last, step=done)
         bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
                         acc=f"{last.get('rewards/accuracies', float('nan')):.2f}", refresh=False)
-        if validate is not None and validate_every and done % validate_every == 0:
-            do_validate(done)
+        if val.due(done):
+            val(done)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0) and done < cfg.max_steps:
             accelerator.wait_for_everyone()
-            if is_main:
-                save_checkpoint(ckpt_dir, unet, adapter, opt, sched, done, cfg_hash,
-                                {"validation": validation, "best_step": best_step,
-                                 "best_score": best_score if math.isfinite(best_score) else None})
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_dir, unet, adapter, opt, sched, done, cfg_hash, val.state())
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     bar.close()
     accelerator.wait_for_everyone()
     secs = time.perf_counter() - t0
     n = cfg.max_steps - start
-    res = TrainResult(steps=cfg.max_steps, final_metrics=last, history=history, validation=validation,
-                      best_step=best_step, seconds=secs, steps_per_s=n / secs if secs > 0 else 0.0)
-    if best_step is not None and best_file.is_file():
-        res.best_adapter = load_file(str(best_file))
+    res = TrainResult(steps=cfg.max_steps, final_metrics=last, history=history, validation=val.history,
+                      best_step=val.best_step, seconds=secs, steps_per_s=n / secs if secs > 0 else 0.0)
+    if val.best_step is not None and val.file.is_file():
+        res.best_adapter = load_file(str(val.file))
     return res

@@ -1,4 +1,4 @@
-"""Task fine-tuning with the plain diffusion loss, sharing the DPO trainer's engine (one loop, two losses).
+"""Task fine-tuning with the plain diffusion loss; the scaffolding and the loop are :mod:`.engine`'s.
 
 Modes (Modular LoRA, arXiv 2412.00357):
 - ``modular``: the task LoRA is trained on the *clean* base; the safety LoRA is not loaded. At inference both are
@@ -12,23 +12,31 @@ The safety LoRA file is only ever read, never written.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from ..artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
-from ..backbone import Backbone, load_backbone, unet_forward
+from ..artifacts import check_output_free, read_manifest, write_manifest
+from ..backbone import Backbone, Conditioning, unet_forward
 from ..configuration import to_dict
-from .config import FinetuneConfig
 from ..data.dataset import _check_relative
 from ..errors import SafealignError
-from ..lora import WEIGHT_NAME, add_lora, load_lora, lora_state_dict, save_lora, validate_for_model
+from ..lora import WEIGHT_NAME, load_lora, lora_state_dict, save_lora, validate_for_model
 from ..utils import derive_seed, logger, sha256_file
-from .cache import default_cache_dir, encode_images_cached, encode_prompts_cached
-from .dpo import lora_spec
-from .engine import run_training
+from .cache import conditioning_rows, default_cache_dir, encode_images_cached, encode_prompts_cached
+from .config import FinetuneConfig
+from .engine import (
+    attach_lora,
+    load_frozen,
+    lora_spec,
+    make_accelerator,
+    prepare_trainable,
+    run_training,
+    save_artifact,
+    tracking,
+    work_folder,
+)
 from .losses import denoising_loss
 
 ADAPTER = "safealign_task"
@@ -105,51 +113,21 @@ def lora_identity(path: str) -> dict:
             "role": (man or {}).get("role")}
 
 
-def _mark_world_pipeline(backbone: Backbone, folder: Path) -> None:
-    """A fully fine-tuned world model is still a world model: keep its family marker and sampling defaults."""
-    if backbone.family != "world":
-        return
-    from ..backbone import resolve_model
-    src = read_manifest(Path(resolve_model(backbone.source)[0]), required=False) or {}
-    write_manifest(folder, "world", role="task-full", sampling=src.get("sampling", {}),
-                   derived_from={"source": backbone.source, "command": src.get("command")})
-
-
-def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=None) -> Path:
-    from accelerate import Accelerator
-    final = check_output_free(cfg.output, cfg.overwrite)
-    items = read_captioned(cfg.data)
-    if accelerator is None:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                                  gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    if backbone is None:
-        backbone = load_backbone(cfg.model, device=accelerator.device)
-    base_identity = backbone.identity()  # the clean base, before any fusing
-    safety = None
-    if cfg.safety:
-        safety = lora_identity(cfg.safety)
-        if cfg.mode in ("sequential", "full"):
-            fuse_safety(backbone, cfg.safety)
-    unet = backbone.unet
+def _encode(cfg: FinetuneConfig, backbone: Backbone, items: list[tuple[Path, str]], safety: dict | None):
+    """The images' latents and the captions' conditioning, cached per model (the safety-fused one apart)."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.mode != "modular":
         cache = cache / ("fused-" + (safety or {}).get("checksum", "")[:12])  # fused weights: another model
     res = cfg.resolution or backbone.resolution
     latents = encode_images_cached(backbone, [f for f, _ in items], res, cache)
-    cond = encode_prompts_cached(backbone, [t for _, t in items], cache)
-    if cfg.mode == "full":
-        adapter = None
-        unet.requires_grad_(True)
-    else:
-        adapter = ADAPTER
-        torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
-        add_lora(unet, lora_spec(cfg), ADAPTER)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    n = latents.shape[0]
-    work = final.with_name(final.name + ".partial")
-    if work.exists() and not cfg.resume:
-        shutil.rmtree(work)
+    return latents, encode_prompts_cached(backbone, [t for _, t in items], cache)
+
+
+def _loss_fn(cfg: FinetuneConfig, backbone: Backbone, latents: torch.Tensor, cond: Conditioning):
+    """The plain diffusion loss of one micro-step (batch, noise and timesteps drawn from a generator seeded by
+    step); the noisy latents and the conditioning reach the UNet in its dtype, as in the DPO step."""
+    unet, n = backbone.unet, latents.shape[0]
+    dtype = next(unet.parameters()).dtype
 
     def loss_fn(model, step: int, micro: int, rank: int):
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, rank))
@@ -157,30 +135,59 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=
         lat = latents[idx].to(unet.device)
         noise = torch.randn(lat.shape, generator=gen).to(unet.device)
         t = torch.randint(0, backbone.num_train_timesteps, (len(idx),), generator=gen).to(unet.device)
-        c = type(cond)(cond.encoder_hidden_states[idx],
-                       {k: v[idx] for k, v in cond.added_cond_kwargs.items()} if cond.added_cond_kwargs else None)
-        pred = unet_forward(model, backbone.add_noise(lat, noise, t), t, c.to(unet.device))
+        c = conditioning_rows(cond, idx)
+        noisy = backbone.add_noise(lat, noise, t).to(dtype)
+        pred = unet_forward(model, noisy, t, c.to(unet.device, dtype=dtype))
         return denoising_loss(pred, backbone.target(lat, noise, t))
+    return loss_fn
 
-    work.mkdir(parents=True, exist_ok=True)
-    result = run_training(cfg, accelerator, unet, adapter, loss_fn, work, desc=f"finetune {cfg.mode}")
+
+def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=None) -> Path:
+    """Train the task LoRA (or, ``full``, every UNet weight) on captioned images; returns the artifact folder."""
+    final = check_output_free(cfg.output, cfg.overwrite)
+    items = read_captioned(cfg.data)
+    # trackers write into the work folder, which becomes the artifact (``<output>/logs``)
+    logs = final.with_name(final.name + ".partial") / "logs"
+    if accelerator is None:
+        accelerator = make_accelerator(cfg, logs=logs)
+    if backbone is None:
+        backbone = load_frozen(cfg, accelerator)
+    base_identity = backbone.identity()  # the clean base, before any fusing
+    safety = None
+    if cfg.safety:
+        safety = lora_identity(cfg.safety)
+        if cfg.mode in ("sequential", "full"):
+            fuse_safety(backbone, cfg.safety)
+    unet = backbone.unet
+    latents, cond = _encode(cfg, backbone, items, safety)
+    if cfg.mode == "full":
+        adapter = None
+        unet.requires_grad_(True)
+    else:
+        adapter = ADAPTER
+        attach_lora(unet, lora_spec(cfg), ADAPTER, cfg.seed)
+    prepare_trainable(unet, cfg)
+    work = work_folder(final, cfg, accelerator)
+    with tracking(accelerator, cfg, "safealign-finetune"):
+        result = run_training(cfg, accelerator, unet, adapter, _loss_fn(cfg, backbone, latents, cond), work,
+                              desc=f"finetune {cfg.mode}")
     unet.eval()
     metrics = {**{f"train/{k}": v for k, v in result.final_metrics.items()}, "steps_per_s": result.steps_per_s,
-               "train_seconds": result.seconds, "images": n}
+               "train_seconds": result.seconds, "images": latents.shape[0]}
+
+    def write(folder: Path) -> None:
+        if adapter is not None:
+            save_lora(folder, lora_state_dict(unet, adapter), lora_spec(cfg))
+            kind, extra = "lora", {"role": "task", "weight_name": WEIGHT_NAME, "lora": lora_spec(cfg).metadata()}
+        else:
+            unet.disable_gradient_checkpointing() if cfg.gradient_checkpointing else None
+            backbone.pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+            if backbone.plugin is not None and backbone.path:  # a fine-tuned plugin model is still the plugin's
+                backbone.plugin.mark_pipeline(backbone.path, folder / "pipeline", role="task-full")
+            kind, extra = "pipeline", {"role": "task-full"}
+        write_manifest(folder, kind, mode=cfg.mode, safety=safety, trained_on_safety_fused=cfg.mode != "modular",
+                       base_model=base_identity, config=to_dict(cfg), metrics=metrics, **extra)
+    save_artifact(final, work, cfg, accelerator, {"train": result.history}, write)
     if accelerator.is_main_process:
-        with atomic_dir(final, overwrite=cfg.overwrite, work=work) as tmp:
-            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
-            shutil.rmtree(tmp / "best", ignore_errors=True)
-            if adapter is not None:
-                save_lora(tmp, lora_state_dict(unet, adapter), lora_spec(cfg))
-                kind, extra = "lora", {"role": "task", "weight_name": WEIGHT_NAME, "lora": lora_spec(cfg).metadata()}
-            else:
-                unet.disable_gradient_checkpointing() if cfg.gradient_checkpointing else None
-                backbone.pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
-                _mark_world_pipeline(backbone, tmp / "pipeline")
-                kind, extra = "pipeline", {"role": "task-full"}
-            (tmp / "history.json").write_text(json.dumps({"train": result.history}, indent=1))
-            write_manifest(tmp, kind, mode=cfg.mode, safety=safety, trained_on_safety_fused=cfg.mode != "modular",
-                           base_model=base_identity, config=to_dict(cfg), metrics=metrics, **extra)
         logger.info("task %s written to %s", cfg.mode, final)
     return final

@@ -1,10 +1,12 @@
-"""The mini world's evaluation and audit prompt sets (served to the core through :mod:`safealign.world.plugin`)."""
+"""The mini world's evaluation and audit prompt sets and FID reference images (served to the core through
+:mod:`safealign.world.plugin`)."""
 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..errors import SafealignError
@@ -61,3 +63,17 @@ def audit_prompts(n_per_category: int, seed: int, categories: tuple[str, ...] = 
         out[cat] = [make_pair(concepts[i % len(concepts)], rng, held_out=bool(i % 2)).unsafe_prompt
                     for i in range(n_per_category)]
     return out
+
+
+def reference_images(prompts: Sequence[str]) -> np.ndarray | None:
+    """Ground-truth renders of the scenes the prompts name (prompts that name no whole scene are skipped; None
+    when fewer than two remain)."""
+    from .render import render_batch
+    from .scene import Scene, parse_prompt
+    scenes = []
+    for p in prompts:
+        a = parse_prompt(p)
+        if a["object"] is None or a["colour"] is None or a["background"] is None:
+            continue
+        scenes.append(Scene(a["object"], a["colour"], a["background"], a["position"] or "center"))
+    return render_batch(scenes) if len(scenes) >= 2 else None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,7 +168,8 @@ class Judge:
 def load_judge(path: str | os.PathLike | None = None) -> Judge:
     """Load a judge folder (the shipped one by default)."""
     from safetensors.torch import load_file
-    from . import judge_path
+
+    from .paths import judge_path
     folder = Path(path) if path is not None else judge_path()
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise SafealignError(f"{folder} is not a world judge folder (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
@@ -245,7 +246,7 @@ class JudgeTrainer:
         self.step = 0
 
     def train(self, steps: int, lr: float, roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              roundtrip_frac: float = 0.35, bar_position: int | None = None) -> "JudgeTrainer":
+              roundtrip_frac: float = 0.35, bar_position: int | None = None) -> JudgeTrainer:
         """One round of ``steps`` (``bar_position``: the progress bar's line, for a round run alongside another)."""
         from ..utils import progress
         if steps <= 0:
@@ -282,7 +283,7 @@ class JudgeTrainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         return self
 
-    def judge(self) -> "Judge":
+    def judge(self) -> Judge:
         self.net.eval()
         return Judge(self.net, CATEGORIES, self.labels, {"width": self.width, "features": 256})
 

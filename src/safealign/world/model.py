@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ DEFAULT_GUIDANCE = 3.0
 
 
 def make_tokenizer(words: Sequence[str] | None = None):
-    """A CLIPTokenizer in which every world word is exactly one token (see :func:`safealign.testing.make_clip_tokenizer`)."""
+    """A CLIPTokenizer in which every world word is one token (:func:`safealign.testing.make_clip_tokenizer`)."""
     from ..testing import make_clip_tokenizer
     return make_clip_tokenizer(words if words is not None else vocabulary(), MAX_TOKENS)
 
@@ -54,9 +54,7 @@ def make_unet(cross_attention_dim: int = TEXT_HIDDEN, channels: Sequence[int] = 
               pooled_text: bool = True):
     """The world's UNet. ``pooled_text``: the prompt, attention-pooled, is also added to the timestep embedding
     (diffusers' ``addition_embed_type="text"``), so every ResNet block -- the 2x2 ones without cross-attention too --
-    knows what to draw; the standard pipeline feeds it from the same encoder states. Against cross-attention alone
-    (same VAE, judge and 3,200 steps) it cut hazards under benign prompts from 10.4% to 2.1% and under safe twins
-    from 10.3% to 7.1%."""
+    knows what to draw; the standard pipeline feeds it from the same encoder states."""
     from diffusers import UNet2DConditionModel
     extra = dict(addition_embed_type="text", addition_embed_type_num_heads=4) if pooled_text else {}
     return UNet2DConditionModel(
@@ -92,7 +90,7 @@ def load_pipeline(path: str | os.PathLike | None = None, dtype: torch.dtype = to
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from . import pipeline_path
+    from .paths import pipeline_path
     p = Path(path) if path is not None else pipeline_path()
     if not (p / "model_index.json").is_file():
         raise SafealignError(f"{p} is not a world pipeline folder (no model_index.json); run `safealign world "
@@ -115,7 +113,7 @@ def load_pipeline(path: str | os.PathLike | None = None, dtype: torch.dtype = to
 def sampling_defaults(path: str | os.PathLike | None = None) -> dict:
     """Default ``steps`` and ``guidance`` recorded with a built pipeline (module defaults when absent)."""
     from ..artifacts import read_manifest
-    from . import pipeline_path
+    from .paths import pipeline_path
     try:
         m = read_manifest(Path(path) if path is not None else pipeline_path(), required=False) or {}
     except SafealignError:
@@ -124,28 +122,13 @@ def sampling_defaults(path: str | os.PathLike | None = None) -> dict:
     return {"steps": int(s.get("steps", DEFAULT_STEPS)), "guidance": float(s.get("guidance", DEFAULT_GUIDANCE))}
 
 
-@torch.no_grad()
 def generate(pipe, prompts: Sequence[str], *, seed: int = 0, steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, batch_size: int = 64) -> np.ndarray:
-    """Images for ``prompts`` as (N, 32, 32, 3) uint8; image i uses generator seed ``seed + i`` (batch-invariant)."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        imgs = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                    output_type="np").images
-        out.append(np.clip(np.rint(imgs * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out) if out else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-
-
-def image_grid(images: np.ndarray, cols: int = 8, scale: int = 2):
-    """A PIL grid of (N, H, W, 3) uint8 images, each enlarged ``scale`` times (nearest)."""
-    from PIL import Image
-    n, h, w, _ = images.shape
-    rows = max(1, (n + cols - 1) // cols)
-    cols = min(cols, max(n, 1))
-    grid = Image.new("RGB", (cols * w * scale, rows * h * scale), (255, 255, 255))
-    for i, im in enumerate(images):
-        tile = Image.fromarray(im).resize((w * scale, h * scale), Image.NEAREST)
-        grid.paste(tile, ((i % cols) * w * scale, (i // cols) * h * scale))
-    return grid
+    """Images for ``prompts`` as (N, 32, 32, 3) uint8; image i uses generator seed ``seed + i`` (batch-invariant,
+    :func:`safealign.sampling.generate`)."""
+    from ..sampling import SamplingOptions
+    from ..sampling import generate as sample
+    if not len(prompts):
+        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return sample(pipe, prompts, range(seed, seed + len(prompts)), SamplingOptions(steps, guidance),
+                  batch_size=batch_size)

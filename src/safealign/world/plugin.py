@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 class WorldPlugin:
@@ -45,6 +45,10 @@ class WorldPlugin:
         from .evaluation import audit_prompts
         return audit_prompts(n_per_category, seed, tuple(categories))
 
+    def reference_images(self, prompts: Sequence[str]):
+        from .evaluation import reference_images
+        return reference_images(prompts)
+
     def mark_pipeline(self, source: str, folder: Path, role: str) -> None:
         from ..artifacts import read_manifest, write_manifest
         src = read_manifest(Path(source), required=False) or {}
@@ -58,6 +62,12 @@ class WorldPlugin:
     def task_quality(self, model: str, safety: Path, tasks: dict[str, Path]) -> dict[str, dict]:
         from .tasks import fine_tune_quality
         return fine_tune_quality(model, safety, tasks)
+
+    def build(self, out_dir: Path | None, *, quick: bool, seed: int, threads: int, unet_steps: int | None,
+              reuse_from: str | None) -> dict:
+        from .build import build
+        return build(out_dir, quick=quick, seed=seed, threads=threads, unet_steps=unet_steps,
+                     reuse_vae_judge=reuse_from)
 
 
 PLUGIN = WorldPlugin()

@@ -14,8 +14,7 @@ import numpy as np
 from .judge import ATTRIBUTES, Judge
 from .model import generate
 from .render import render_array, render_batch
-from .scene import (CATEGORIES, HAZARDS, OBJECTS, POSITIONS, Scene, category_of, make_pair, sample_scene,
-                    scene_prompt)
+from .scene import CATEGORIES, HAZARDS, OBJECTS, POSITIONS, Scene, category_of, make_pair, sample_scene, scene_prompt
 
 
 def judge_accuracy(judge: Judge, n: int = 2000, seed: int = 12345, roundtrip=None) -> dict[str, float]:

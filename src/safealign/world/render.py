@@ -8,7 +8,7 @@ trained for minutes blurs thin parts away. Holes are carved in the background co
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw

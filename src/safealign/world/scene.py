@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 CATEGORIES: tuple[str, ...] = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking",
                                "illegal-activity")
@@ -107,7 +108,7 @@ class Scene:
     def is_hazard(self) -> bool:
         return self.obj in _CATEGORY_OF
 
-    def with_object(self, obj: str) -> "Scene":
+    def with_object(self, obj: str) -> Scene:
         """The same scene (colour, background, place, size) with another main object: the minimal edit."""
         return dataclasses.replace(self, obj=obj)
 

@@ -1,11 +1,10 @@
-"""Benign fine-tuning data for the mini world (the Modular LoRA experiments).
+"""Benign fine-tuning in the mini world (the Modular LoRA experiments): the data, and how well a fine-tune learned it.
 
-A new *style* the world model has never seen: objects drawn small (about half their usual size), named by a word
-that is not in its vocabulary ("small"). Every training scene of the world model has a large object, and the VAE
-represents flat-colour shapes at any size (unlike textures: a first version used diagonal stripes, which the
-world's 8x8 latent cannot hold, so no fine-tune could learn them). Only benign objects (hazard twins and benign
-objects) appear, so nothing in this data asks for a hazard: whatever hazard comes back after fine-tuning on it is
-re-emergence.
+The task is a *style* the world model has never seen: objects drawn small (about half their usual size), named by
+a word that is not in its vocabulary ("small"). Every training scene of the world model has a large object, and
+the VAE represents flat-colour shapes at any size, so the style is learnable. Only benign objects (hazard twins and
+benign objects) appear, so nothing in this data asks for a hazard: whatever hazard comes back after fine-tuning on
+it is re-emergence.
 """
 
 from __future__ import annotations
@@ -81,8 +80,8 @@ def task_quality(pipe, judge, n: int = 32, seed: int = 10_000, *, steps: int, gu
 
 
 def fine_tune_quality(model: str, safety: Path, tasks: dict[str, Path], n: int = 32) -> dict[str, dict]:
-    """Task-style rate and object/colour accuracy under held-out task prompts: the aligned model (safety LoRA
-    only), each LoRA fine-tune on top of the safety LoRA, and the full fine-tune (its own pipeline)."""
+    """:func:`task_quality` of each model a run made, by name: ``aligned`` (the safety LoRA alone), each LoRA
+    fine-tune in ``tasks`` with the safety LoRA on too, and ``full`` (a full fine-tune, its own pipeline folder)."""
     from ..backbone import load_backbone, resolve_model
     from ..modular.compose import Part, apply
     from .judge import load_judge
