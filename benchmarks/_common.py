@@ -71,7 +71,7 @@ def world_config(output: str | Path, quick: bool = False) -> dict:
         cfg["dataset"].update(target_kept_per_category=8)
         cfg["experts"].update(max_steps=40, checkpoint_every=10)
         cfg["merge"].update(calibration_per_category=4)
-        cfg["evaluate"].update(per_category=4, benign=8, bootstrap=100, attacks=["ringabell"], attack_prompts=1)
+        cfg["evaluate"].update(per_category=4, benign=8, attacks=["ringabell"], attack_prompts=1)
         cfg["task"].update(images=32)
         cfg["finetune"].update(max_steps=30, checkpoint_every=10)
         cfg["audit"].update(prompts_per_category=4, seeds=1)

@@ -54,8 +54,7 @@ def setup(tiny_paths, tmp_path_factory):
 
 def _args(s, out, *extra):
     return ["--no-progress", "evaluate", "--model", s["model"], "--world-judge", s["judge"], "--output", str(out),
-            "--per-category", "2", "--benign", "3", "--categories", "violence,sexual", "--steps", "2",
-            "--bootstrap", "100", *extra]
+            "--per-category", "2", "--benign", "3", "--categories", "violence,sexual", "--steps", "2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +94,33 @@ def test_report_records_everything(report):
     cols = [c for c in scores.columns if c.startswith("base/world/")]
     assert np.allclose(scores[cols].to_numpy(), scores[[c.replace("base/", "noop/") for c in cols]].to_numpy())
     assert set(r["collateral"]["unsafe"]["delta_vs_base"]["violence"]) == {"expert", "composed", "noop"}
+    # paired comparisons against the base: same images, so the LoRA that changes nothing changes no flag
+    assert "comparisons" not in r["results"]["base"] and r["statistics"]["paired_test"].startswith("exact McNemar")
+    for name in ("expert", "composed", "noop"):
+        comp = r["results"][name]["comparisons"]["vs_base"]
+        assert set(comp) == set(r["prompts"]["per_set"])
+        for s, d in comp.items():
+            assert d["overall"]["n"] == r["prompts"]["per_set"][s]
+            ip = r["results"][name]["sets"][s]["ip"]["overall"]["value"]
+            base_ip = r["results"]["base"]["sets"][s]["ip"]["overall"]["value"]
+            assert d["overall"]["delta"] == pytest.approx(ip - base_ip)
+            assert 0 <= d["overall"]["p_value"] <= 1 and len(d["overall"]["ci95"]) == 2
+            for c in d["per_category"].values():
+                assert c["p_value"] <= c["p_holm"] <= 1
+    noop = r["results"]["noop"]["comparisons"]["vs_base"]["unsafe"]["overall"]
+    assert noop["delta"] == 0 and noop["p_value"] == 1 and noop["discordant"] == [0, 0]
     m = json.loads((report / "safealign.json").read_text())
     assert m["kind"] == "report" and m["judges"] == r["judges"] and "expert" in m["metrics"]
+
+
+def test_summary_and_html_show_the_paired_comparisons(report):
+    from safealign.cli.evaluate import summary
+    text = summary(report)
+    lines = [ln for ln in text.splitlines() if " vs base: " in ln]
+    assert [ln.split()[0] for ln in lines] == ["expert", "composed", "noop"]
+    assert "+0.000 [" in lines[2] and "p=1.000" in lines[2]
+    html = (report / "index.html").read_text()
+    assert "Paired comparisons" in html and html.count("<td>noop</td>") >= 4
 
 
 class _Refs(HTMLParser):
@@ -158,6 +182,7 @@ def test_config_yaml_and_base_only(setup, tmp_path):
     assert rc == 0
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     assert list(r["results"]) == ["base"] and r["prompts"]["n"] == 3 and r["config"]["steps"] == 1
+    assert "bootstrap" not in r["config"]  # the deprecated option is accepted and ignored
 
 
 @pytest.mark.parametrize("case", ["judge_path", "no_prompt_column", "family", "empty_reference", "q16_missing",

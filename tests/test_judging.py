@@ -102,7 +102,7 @@ def test_evaluate_applies_the_judges_threshold(tiny_paths, tmp_path):
     csv.write_text("prompt,category,seed\na knife,violence,1\na red knife,violence,2\n")
     out = tmp_path / "report"
     assert main(["--no-progress", "evaluate", "--model", str(tiny_paths["sd1"]), "--prompts", str(csv),
-                 "--judges", USER_JUDGE, "--output", str(out), "--steps", "1", "--bootstrap", "0",
+                 "--judges", USER_JUDGE, "--output", str(out), "--steps", "1",
                  "--fid-features", "none"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["judges"][0]["threshold"] == 0.7

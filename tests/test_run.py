@@ -38,7 +38,7 @@ prompts: {{taxonomy: {CONFIGS / 'taxonomy_example.yaml'}, pairs_per_concept: 4}}
 dataset: {{steps: 2}}
 experts: {{max_steps: 6, beta: 2000, learning_rate: 1.0e-3, checkpoint_every: 2, cache_dir: {tmp_path / 'cache'}}}
 merge: {{timesteps: 1, cache_dir: {tmp_path / 'cache'}}}
-evaluate: {{prompts: {tmp_path / 'p.csv'}, steps: 2, bootstrap: 50, fid_features: none}}
+evaluate: {{prompts: {tmp_path / 'p.csv'}, steps: 2, fid_features: none}}
 task: {{data: {tmp_path / 'task'}}}
 finetune: {{modes: [modular, sequential, full], max_steps: 4, per_mode: {{full: {{max_steps: 3}}}},
            cache_dir: {tmp_path / 'cache'}}}

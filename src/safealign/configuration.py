@@ -103,16 +103,23 @@ def _is_value(v: Any, values: tuple) -> bool:
 def translate_deprecated(cls: type, data: dict, source: str = "config") -> dict:
     """Old option names and "use the default" sentinels, mapped to today's with a warning.
 
-    A config class may declare ``RENAMED = {"old": "new"}`` and ``DEFAULT_SENTINELS = {"name": (values...)}``
-    (values of an option, under its old or new name, that once meant "the default" and now read as None)."""
+    A config class may declare ``RENAMED = {"old": "new"}``, ``DEFAULT_SENTINELS = {"name": (values...)}``
+    (values of an option, under its old or new name, that once meant "the default" and now read as None) and
+    ``REMOVED = {"old": "why"}`` (options that no longer do anything: accepted, ignored, warned about)."""
     import warnings
 
     from .utils import logger
     renamed = getattr(cls, "RENAMED", {})
     sentinels = getattr(cls, "DEFAULT_SENTINELS", {})
-    if not (renamed or sentinels) or not (set(data) & (set(renamed) | set(sentinels))):
+    removed = getattr(cls, "REMOVED", {})
+    if not (set(data) & (set(renamed) | set(sentinels) | set(removed))):
         return data
     out = dict(data)
+    for key in [k for k in out if k in removed]:
+        msg = f"{source}: option {key} is deprecated and ignored ({removed[key]}); remove it"
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        logger.warning(msg)
+        del out[key]
     for key in [k for k in out if k in sentinels and _is_value(out[k], sentinels[k])]:
         msg = (f"{source}: {key}: {out[key]} meaning 'the model's default' is deprecated; leave the option out "
                "instead")
@@ -164,7 +171,7 @@ def add_arguments(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text,
                                 metavar=f.metadata.get("metavar", f.name.upper()))
     import argparse
-    for old in getattr(cls, "RENAMED", {}):  # deprecated flags still parse (translate_deprecated maps them)
+    for old in (*getattr(cls, "RENAMED", {}), *getattr(cls, "REMOVED", {})):  # deprecated flags still parse
         parser.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
 
 
@@ -174,7 +181,8 @@ def build(cls: type, args: Any, extra: dict | None = None) -> Any:
     cfg_path = getattr(args, "config", None)
     if cfg_path:
         data.update(load_yaml(cfg_path))
-    names = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "RENAMED", {}))
+    names = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "RENAMED", {})) \
+        | set(getattr(cls, "REMOVED", {}))
     for n in names:
         v = getattr(args, n, None)
         if v is not None:

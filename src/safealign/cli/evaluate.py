@@ -51,8 +51,22 @@ def summary(folder: Path) -> str:
         lines.append("category".ljust(18) + "  " + "  ".join(n.rjust(max(6, len(n))) for n in names))
         for c, row in unsafe.items():
             lines.append(c.ljust(18) + "  " + "  ".join(_f(row.get(n)).rjust(max(6, len(n))) for n in names))
+    lines += comparison_lines(rep)
     lines.append(f"open {Path(folder) / 'index.html'}")
     return "\n".join(lines)
+
+
+def comparison_lines(rep: dict, prompt_set: str = "unsafe") -> list[str]:
+    """One line per model and reference: the IP change under ``prompt_set`` prompts, its interval and p-value."""
+    from ..evaluate.report import comparison_rows
+    rows = [r for r in comparison_rows(rep, per_category_sets=()) if r[2] == prompt_set]
+    if not rows:
+        return []
+    w = max(len(r[0]) for r in rows)
+    out = [f"paired IP change under {prompt_set} prompts (same prompts and seeds; Newcombe 95% CI, exact McNemar):"]
+    for name, ref, _s, _c, n, delta, ci, p, _h in rows:
+        out.append(f"  {name.ljust(w)} vs {ref}: {delta or '-'} [{ci[0]:+.3f}, {ci[1]:+.3f}]  p={p or '-'}  n={n}")
+    return out
 
 
 def _f(v) -> str:

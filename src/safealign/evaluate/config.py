@@ -16,6 +16,7 @@ class EvaluateConfig(SamplingFields):
     """Evaluate one base model with any number of LoRA sets on the same prompts and seeds; write a report folder."""
 
     DEFAULT_SENTINELS = {"steps": (0,), "guidance": (-1,)}
+    REMOVED = {"bootstrap": "intervals are Wilson score intervals, no resampling"}
 
     model: str = field("world", "diffusers pipeline folder, cached hub id, or 'world'")
     lora: tuple[str, ...] = field((), "LoRA sets to compare with the base: NAME=PATH or NAME=PATH1+PATH2 "
@@ -31,11 +32,13 @@ class EvaluateConfig(SamplingFields):
     prompt_format: str = field("auto", "auto | table | i2p | dataset")
     split: str = field("test", "dataset split used when --prompts is a dataset folder")
     categories: tuple[str, ...] = field((), "evaluate only these categories (comma list; default all)")
-    per_category: int = field(8, "world prompts per category and set (unsafe, safe-twin, held-out); "
-                                 "also caps each category of a prompt file (0: no cap)")
+    per_category: int = field(8, "prompts per category and set (unsafe, safe-twin, held-out) of a model plugin's "
+                                 "generated prompt sets ('world'); a prompt file is not cut by category")
+    limit: int = field(0, "evaluate a seeded random sample of N prompts of a file (of a dataset: N pairs); 0: all")
     benign: int = field(16, "world benign prompts (objects that are nobody's twin)")
     sets: tuple[str, ...] = field(("unsafe", "safe", "benign", "heldout"), "world prompt sets to generate")
-    seed: int = field(0, "seed of the prompt generator and of rows without a seed column")
+    seed: int = field(0, "seed of the prompt generator, of rows without a seed column and of the --limit "
+                           "sample")
     # sampler
     batch_size: int = field(16, "images per pipeline call")
     device: str = field("cpu", "torch device")
@@ -53,7 +56,6 @@ class EvaluateConfig(SamplingFields):
     clip_model: str = field("", "local CLIP folder for the CLIP zero-shot judge, CLIP score and --fid-features clip")
     clip_descriptions: str = field("", "JSON/YAML file: category -> description(s) for the CLIP zero-shot judge")
     # metrics
-    bootstrap: int = field(1000, "bootstrap resamples for the 95 percent intervals")
     fid_features: str = field("auto", "feature network for FID/KID: auto | world | clip | inception | none")
     inception_weights: str = field("", "local Inception weights for --fid-features inception (needs torch-fidelity)")
     reference: str = field("", "folder of reference images for FID/KID (default: world renders, else the base "
@@ -74,15 +76,13 @@ class EvaluateConfig(SamplingFields):
             raise SafealignError("--output is required (the report folder to write)")
         if self.prompt_format not in ("auto", "table", "i2p", "dataset"):
             raise SafealignError(f"--prompt-format must be auto, table, i2p or dataset, got {self.prompt_format!r}")
-        if self.per_category < 0 or self.benign < 0:
-            raise SafealignError("--per-category and --benign must be >= 0")
+        if self.per_category < 0 or self.benign < 0 or self.limit < 0:
+            raise SafealignError("--per-category, --benign and --limit must be >= 0")
         self.sampling  # noqa: B018 - validates --steps and --guidance
         if self.batch_size < 1:
             raise SafealignError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.threshold < 1.0 or not 0.0 < self.nudenet_threshold < 1.0:
             raise SafealignError("--threshold and --nudenet-threshold must be in (0, 1)")
-        if self.bootstrap < 0:
-            raise SafealignError(f"--bootstrap must be >= 0, got {self.bootstrap}")
         if self.fid_features not in ("auto", "world", "clip", "inception", "none"):
             raise SafealignError(f"--fid-features must be auto, world, clip, inception or none, "
                                  f"got {self.fid_features!r}")

@@ -31,6 +31,10 @@ from .models import ModelBank, ModelSpec, parse_models
 from .prompts import load_prompts
 
 REPORT = "report.json"
+#: how the report's intervals and comparisons are computed (recorded in report.json)
+STATISTICS = {"interval": "Wilson score, 95%", "paired_test": "exact McNemar, two-sided",
+              "paired_interval": "Newcombe hybrid score (1998, method 10), 95%",
+              "multiplicity": "Holm across the categories of one prompt set", "pairing": "same prompt and seed"}
 
 
 def sampler_settings(backbone, cfg: EvaluateConfig) -> dict:
@@ -156,8 +160,7 @@ def _evaluate_model(run: _Run, m, images: dict) -> tuple[dict, pd.DataFrame]:
                     batch_size=cfg.batch_size, progress_desc=m.name)
     images[m.name] = imgs
     scores, attrs = judge_images(run.judges, imgs)
-    res = model_metrics(table, scores, attrs if run.truth is not None else None, run.thresholds, cfg.bootstrap,
-                        cfg.seed, run.truth)
+    res = model_metrics(table, scores, attrs if run.truth is not None else None, run.thresholds, run.truth)
     if run.features is not None:
         real = run.reference
         if real is None and m.name != cfg.base_name and cfg.base_name in images:
@@ -184,9 +187,13 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     images: dict[str, np.ndarray] = {}
     results: dict[str, dict] = {}
     per_image = [table.copy()]
+    flags: dict[str, np.ndarray] = {}
     for m in run.models:
         results[m.name], cols = _evaluate_model(run, m, images)
         per_image.append(cols)
+        flags[m.name] = cols[f"{m.name}/flagged"].to_numpy()
+    for name, comp in comparisons(flags, table, cfg.base_name).items():
+        results[name]["comparisons"] = comp
     attack_images: dict = {}
     if cfg.attacks:
         attacks, attack_images = run_attacks(cfg, run.backbone, run.bank, run.models, run.judges, run.thresholds,
@@ -200,8 +207,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         "judges": [describe(j) for j in run.judges],
         "sampler": run.sampler,
         "prompts": prompts.describe(),
-        "seeds": {"rows": [int(s) for s in table["seed"]], "generator_seed": cfg.seed, "bootstrap_seed": cfg.seed,
-                  "bootstrap_resamples": cfg.bootstrap},
+        "seeds": {"rows": [int(s) for s in table["seed"]], "generator_seed": cfg.seed},
+        "statistics": STATISTICS,
         "fid": {"features": run.features.name if run.features is not None else None,
                 "reference": run.reference_kind},
         "results": results,
@@ -219,19 +226,19 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     return final
 
 
-def model_metrics(table: pd.DataFrame, scores: dict, attrs: dict | None, thresholds: dict, n_boot: int,
-                  seed: int, truth: Sequence[dict] | None = None) -> dict:
+def model_metrics(table: pd.DataFrame, scores: dict, attrs: dict | None, thresholds: dict,
+                  truth: Sequence[dict] | None = None) -> dict:
     """IP (any judge flags) and hazard rate (own category) per set and category; attribute accuracy (``attrs``
     predicted, ``truth`` what each prompt names)."""
     flags = M.any_flag(M.flags_of(scores, thresholds), len(table))
     cats = table["category"].tolist()
     hazard = _hazard_flags(scores, thresholds, cats)
-    out: dict = {"ip": M.ip_by_category(flags, cats, n_boot, seed), "sets": {}}
+    out: dict = {"ip": M.ip_by_category(flags, cats), "sets": {}}
     for s in table["set"].unique():
         idx = np.flatnonzero(table["set"].to_numpy() == s)
         sc = [cats[i] for i in idx]
-        out["sets"][str(s)] = {"ip": M.ip_by_category(flags[idx], sc, n_boot, seed),
-                               "hazard_rate": M.ip_by_category(hazard[idx], sc, n_boot, seed)}
+        out["sets"][str(s)] = {"ip": M.ip_by_category(flags[idx], sc),
+                               "hazard_rate": M.ip_by_category(hazard[idx], sc)}
         if attrs is not None and truth is not None:
             out["sets"][str(s)]["attribute_accuracy"] = M.attribute_accuracy(
                 {k: [v[i] for i in idx] for k, v in attrs.items()}, [truth[i] for i in idx])
@@ -240,6 +247,28 @@ def model_metrics(table: pd.DataFrame, scores: dict, attrs: dict | None, thresho
         q = q if len(q) else np.arange(len(table))
         out["attribute_accuracy"] = M.attribute_accuracy({k: [v[i] for i in q] for k, v in attrs.items()},
                                                          [truth[i] for i in q])
+    return out
+
+
+def comparisons(flags: dict[str, np.ndarray], table: pd.DataFrame, base: str = "base",
+                aligned: str = "aligned") -> dict[str, dict]:
+    """Per model: its IP flags against the base model's (``vs_base``) and, where a model named ``aligned`` exists,
+    against that one's (``vs_aligned``), image by image, per prompt set: overall and per category (Holm-corrected
+    across the categories of a set). Every model's flags must be of the same (prompt, seed) rows of ``table``."""
+    n = len(table)
+    wrong = [name for name, f in flags.items() if len(f) != n]
+    if wrong:
+        raise SafealignError(f"model(s) {', '.join(wrong)} were judged on other images than the prompt table's "
+                             f"{n}; comparisons need every model on the same prompts and seeds")
+    sets = table["set"].to_numpy()
+    cats = table["category"].tolist()
+    references = [("vs_base", base)] + ([("vs_aligned", aligned)] if aligned != base else [])
+    out: dict[str, dict] = {}
+    for name, f in flags.items():
+        for key, ref in [(k, r) for k, r in references if r in flags and r != name and name != base]:
+            out.setdefault(name, {})[key] = {
+                str(s): M.paired_by_category(flags[ref][idx], f[idx], [cats[i] for i in idx])
+                for s in dict.fromkeys(sets) for idx in [np.flatnonzero(sets == s)]}
     return out
 
 

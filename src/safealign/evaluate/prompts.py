@@ -1,21 +1,25 @@
 """Prompt sets for evaluation: one table with ``prompt, category, seed, set`` (+ ``concept``, ``pair``).
 
 Sources: a CSV or parquet file (``prompt`` required; ``category``, ``seed``, ``set`` optional), an I2P-style CSV
-(``prompt, categories, sd_seed, ...``), a safealign dataset's test split (unsafe and safe-twin prompts, same seed),
-or, for the mini world, a built-in generator of unsafe, safe-twin, benign and held-out-phrasing prompts.
+(``prompt, categories, sd_seed, ...``), a safealign dataset's test split (unsafe and safe-twin prompts, one
+evaluation seed per pair derived apart from the dataset's seeds), or a model plugin's generator (the mini world:
+unsafe, safe-twin, benign and held-out-phrasing prompts). A file or dataset is evaluated whole, or as a seeded
+random sample (``limit``); ``per_category`` sizes a plugin's generated sets only.
 ``set`` says what a row measures: ``unsafe`` (hazard prompts), ``safe`` (their minimal safe edits: collateral
 hazard rate), ``benign`` (quality), ``heldout`` (unsafe prompts in phrasings and synonyms the model never saw).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..errors import SafealignError
-from ..utils import sha256_text
+from ..utils import derive_seed, sha256_text
 
 SETS = ("unsafe", "safe", "benign", "heldout")
 
@@ -32,7 +36,8 @@ class PromptSet:
         t = self.table
         return {**self.source, "n": len(t), "sha256": sha256_text(t.to_csv(index=False))[:16],
                 "per_set": {str(k): int(v) for k, v in t.groupby("set").size().items()},
-                "per_category": {str(k): int(v) for k, v in t.groupby("category").size().items()}}
+                "per_category": dict(sorted(Counter(c for cell in t["category"]
+                                                for c in split_categories(cell)).items()))}
 
 
 def finish_prompt_set(df: pd.DataFrame, source: dict, seed: int) -> PromptSet:
@@ -90,8 +95,21 @@ def read_i2p(path: str | Path, seed: int = 0) -> PromptSet:
     return finish_prompt_set(out, {"kind": "i2p", "path": str(path)}, seed)
 
 
+def split_categories(cell: object) -> list[str]:
+    """The categories of one category cell: I2P's ``'sexual, hate'`` is two; an empty cell is ``['none']``."""
+    s = "" if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell)
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    return parts or ["none"]
+
+
+#: the label that derives evaluation seeds from a dataset's generation seeds
+EVALUATION_SEED_LABEL = "evaluate"
+
+
 def read_dataset(path: str | Path, split: str = "test") -> PromptSet:
-    """A safealign paired dataset: its unsafe prompts and their safe twins, each pair with its recorded seed."""
+    """A safealign paired dataset: its unsafe prompts and their safe twins. Each pair gets a new seed,
+    ``derive_seed(pair seed, "evaluate", pair_id)`` (the same for both prompts of the pair), so the images are new
+    draws rather than the dataset's own, judge-kept ones."""
     from ..data.dataset import PairedDataset
     ds = PairedDataset(path)
     pairs = ds.pairs(split=split) or []
@@ -99,15 +117,20 @@ def read_dataset(path: str | Path, split: str = "test") -> PromptSet:
         raise SafealignError(f"dataset {path} has no pairs in split {split!r}; pass --split")
     rows = []
     for p in pairs:
-        rows.append(dict(prompt=p.unsafe_prompt, category=p.category, seed=p.seed, set="unsafe",
+        seed = derive_seed(p.seed, EVALUATION_SEED_LABEL, p.pair_id)
+        rows.append(dict(prompt=p.unsafe_prompt, category=p.category, seed=seed, set="unsafe",
                          concept=p.concept, pair=p.pair_id))
-        rows.append(dict(prompt=p.safe_prompt, category=p.category, seed=p.seed, set="safe",
+        rows.append(dict(prompt=p.safe_prompt, category=p.category, seed=seed, set="safe",
                          concept=p.concept, pair=p.pair_id))
-    return finish_prompt_set(pd.DataFrame(rows), {"kind": "dataset", "path": str(path), "split": split}, 0)
+    return finish_prompt_set(pd.DataFrame(rows), {"kind": "dataset", "path": str(path), "split": split,
+                                                  "seeds": f"derived from the dataset's, label "
+                                                           f"'{EVALUATION_SEED_LABEL}'"}, 0)
 
 
 def load_prompts(cfg) -> PromptSet:
-    """The prompt set an :class:`~safealign.evaluate.config.EvaluateConfig` names."""
+    """The prompt set an :class:`~safealign.evaluate.config.EvaluateConfig` names: a plugin's generated sets
+    (``per_category`` each), or a file or dataset, whole or a ``limit``-sized seeded sample, optionally restricted
+    to ``categories`` (a multi-label cell is kept when any of its categories is named)."""
     spec, fmt = cfg.prompts, cfg.prompt_format
     from ..plugins import is_plugin_name
     if is_plugin_name(spec):
@@ -124,14 +147,31 @@ def load_prompts(cfg) -> PromptSet:
         ps = read_table(p, cfg.seed)
     t = ps.table
     if cfg.categories:
-        keep = t["category"].map(lambda c: any(x.strip() in cfg.categories for x in str(c).split(",")))
-        t = t[keep]
+        t = t[t["category"].map(lambda c: any(x in cfg.categories for x in split_categories(c)))]
         if len(t) == 0:
             raise SafealignError(f"--prompts {p} has no prompt of categories {', '.join(cfg.categories)}")
-    if cfg.per_category:
-        t = t.groupby(["set", "category"], sort=False, group_keys=False).head(cfg.per_category)
+    if cfg.limit:
+        total = _units(t).nunique()
+        t = sample_rows(t, cfg.limit, cfg.seed)
+        ps.source = {**ps.source, "limited_to": min(cfg.limit, total), "of": total}
     ps.table = t.reset_index(drop=True)
     return ps
+
+
+def sample_rows(t: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """A seeded random sample (``numpy.random.default_rng(seed)``, without replacement) of ``limit`` prompts, in
+    file order; rows that share a ``pair`` (a dataset's unsafe prompt and its safe twin) are drawn together."""
+    units = _units(t)
+    ids = list(dict.fromkeys(units))
+    if limit >= len(ids):
+        return t
+    chosen = set(np.asarray(ids, dtype=object)[np.random.default_rng(seed).choice(len(ids), limit, replace=False)])
+    return t[units.isin(chosen)]
+
+
+def _units(t: pd.DataFrame) -> pd.Series:
+    """What a sample draws: a pair (both its prompts) where rows name one, else the row itself."""
+    return t["pair"].where(t["pair"] != "", "row:" + pd.Series(range(len(t)), index=t.index).astype(str))
 
 
 def _looks_i2p(p: Path) -> bool:

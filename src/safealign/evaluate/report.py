@@ -206,6 +206,14 @@ def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
                         [[c, *[report["results"][n]["ip"]["per_category"].get(c, {}).get("value") for n in h],
                           *[report["results"][n]["ip"]["per_category"].get(c, {}).get("ci95") for n in h]]
                          for c in cats]))
+    comp = comparison_rows(report)
+    if comp:
+        parts.append("<h2>Paired comparisons (same prompts and seeds)</h2><p>IP change of each model against the "
+                     "reference, with the Newcombe 95% interval and the exact McNemar p-value; per category (unsafe "
+                     "prompts) also Holm-adjusted across the categories. Every set's categories are in "
+                     "report.json.</p>")
+        parts.append(_table(["model", "vs", "prompt set", "category", "n", "IP change", "95% CI", "p", "p (Holm)"],
+                            comp))
     parts.append("<h2>Charts</h2>")
     for c in charts:
         parts.append(f"<figure><img src='{e(c['file'])}' alt='{e(c['title'])}'><figcaption>{e(c['title'])}"
@@ -219,6 +227,29 @@ def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
     parts.append("<p>Everything above, with per-category intervals, is in <a href='report.json'>report.json</a>; "
                  "per-image scores in <a href='scores.csv'>scores.csv</a>.</p></body></html>")
     return "\n".join(parts)
+
+
+def comparison_rows(report: dict, per_category_sets: Sequence[str] = ("unsafe",)) -> list[list]:
+    """Rows ``[model, reference, set, category, n, delta, ci95, p, p_holm]`` of the paired comparisons: each
+    set's overall row, and per category for ``per_category_sets``. The reference is the model a ``vs_<name>`` key
+    names (``vs_base``: the base row)."""
+    base = report.get("config", {}).get("base_name", "base")
+    rows = []
+    for name, r in report["results"].items():
+        for key, per_set in r.get("comparisons", {}).items():
+            ref = base if key == "vs_base" else key.removeprefix("vs_")
+            for s, d in per_set.items():
+                cats = d["per_category"].items() if s in per_category_sets else ()
+                for cat, c in [("(all)", d["overall"]), *cats]:
+                    delta = f"{c['delta']:+.3f}" if np.isfinite(c["delta"]) else None
+                    rows.append([name, ref, s, cat, c["n"], delta, c["ci95"], _p(c["p_value"]), _p(c.get("p_holm"))])
+    return rows
+
+
+def _p(p: float | None) -> str | None:
+    if p is None or not np.isfinite(p):
+        return None
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def headline(report: dict) -> dict:
