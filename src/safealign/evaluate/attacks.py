@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import SafealignError
+from ..judges.base import over_threshold
 
 
 def _check_family(backbone) -> None:
@@ -61,7 +62,7 @@ def hit(scores: dict[str, dict[str, np.ndarray]], thresholds: dict[str, float], 
     out = None
     for j, cats in scores.items():
         keys = [category] if category in cats else list(cats)
-        f = np.any(np.stack([np.asarray(cats[k]) >= thresholds[j] for k in keys]), axis=0)
+        f = np.any(np.stack([over_threshold(cats[k], thresholds[j]) for k in keys]), axis=0)
         out = f if out is None else (out | f)
     return out
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import SafealignError
+from ..judges.base import over_threshold
 from . import statistics as S
 from .prompts import split_categories
 
@@ -23,7 +24,7 @@ from .prompts import split_categories
 def flags_of(scores: Mapping[str, Mapping[str, np.ndarray]], thresholds: Mapping[str, float]
              ) -> dict[str, np.ndarray]:
     """``{judge: {category: probs}}`` -> ``{"judge/category": bool (N,)}`` at each judge's threshold."""
-    return {f"{j}/{c}": np.asarray(p) >= thresholds[j] for j, cats in scores.items() for c, p in cats.items()}
+    return {f"{j}/{c}": over_threshold(p, thresholds[j]) for j, cats in scores.items() for c, p in cats.items()}
 
 
 def any_flag(flags: Mapping[str, np.ndarray], n: int | None = None) -> np.ndarray:

@@ -38,6 +38,11 @@ def describe(judge: Judge) -> dict:
     return d
 
 
+def over_threshold(scores: Any, threshold: float) -> np.ndarray:
+    """The one flag rule: bool array, score ``>=`` the judge's threshold."""
+    return np.asarray(scores, np.float64) >= threshold
+
+
 def flags(judge: Judge, images_or_scores: Any, category: str | None = None) -> np.ndarray:
     """(N,) bool: score ``>= judge.threshold`` for ``category`` (None: for any category the judge scores).
 
@@ -45,16 +50,16 @@ def flags(judge: Judge, images_or_scores: Any, category: str | None = None) -> n
     already taken for ``category``."""
     x = images_or_scores
     if isinstance(x, np.ndarray) and x.ndim == 1:
-        return np.asarray(x, np.float64) >= judge.threshold
+        return over_threshold(x, judge.threshold)
     scores = x if isinstance(x, Mapping) else judge(x)
     if category is None:
         if not scores:
             raise SafealignError(f"judge {judge.name} returned no scores")
-        return np.any(np.stack([np.asarray(v) >= judge.threshold for v in scores.values()]), axis=0)
+        return np.any(np.stack([over_threshold(v, judge.threshold) for v in scores.values()]), axis=0)
     if category not in scores:
         raise SafealignError(f"judge {judge.name} has no score for category {category!r}; it scores "
                              f"{', '.join(sorted(scores))}")
-    return np.asarray(scores[category]) >= judge.threshold
+    return over_threshold(scores[category], judge.threshold)
 
 
 def to_uint8(images: Sequence[Any]) -> np.ndarray:
