@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("SAFEALIGN_NO_PROGRESS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,3 +48,16 @@ def expert_cfg(**kw):
                 log_every=5)
     base.update(kw)
     return ExpertConfig(**{k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in base.items()})
+
+
+def captioned_folder(folder, dataset, n: int, caption) -> Path:
+    """A captioned image folder (``metadata.jsonl``) from the first ``n`` safe images of a toy dataset;
+    ``caption(i)`` names image i."""
+    d = Path(folder)
+    d.mkdir()
+    lines = []
+    for i, f in enumerate(sorted((Path(dataset) / "images").glob("*_s.png"))[:n]):
+        shutil.copy(f, d / f.name)
+        lines.append(json.dumps({"file_name": f.name, "text": caption(i)}))
+    (d / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return d

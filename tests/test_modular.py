@@ -1,10 +1,10 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import captioned_folder
 from safealign import cli
 from safealign.artifacts import write_manifest
 from safealign.lora import LoraSpec, add_lora, load_lora, lora_state_dict, save_lora
@@ -36,14 +36,8 @@ def _lora(folder, family="sd1", seed=0, std=1.0, negate_of=None, manifest=True):
 
 @pytest.fixture()
 def captioned(toy_dataset, tmp_path):
-    d = tmp_path / "task"
-    d.mkdir()
-    lines = []
-    for i, f in enumerate(sorted((toy_dataset / "images").glob("*_s.png"))[:8]):
-        shutil.copy(f, d / f.name)
-        lines.append(json.dumps({"file_name": f.name, "text": "a drawing of a flower" if i % 2 else "a cat"}))
-    (d / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return d
+    return captioned_folder(tmp_path / "task", toy_dataset, 8,
+                            lambda i: "a drawing of a flower" if i % 2 else "a cat")
 
 
 def _sample(pipe, prompt="a knife", seed=3):

@@ -1,14 +1,13 @@
 """The scaffolding both trainers share (train/engine.py): trackers, the frozen model's dtype, the work folder,
 plugin hooks, and the validation sampler options."""
 
-import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import expert_cfg
+from conftest import captioned_folder, expert_cfg
 from safealign import cli
 from safealign.backbone import load_backbone
 from safealign.configuration import from_dict
@@ -21,15 +20,7 @@ from safealign.train.finetune import finetune
 
 @pytest.fixture()
 def captioned(toy_dataset, tmp_path):
-    import shutil
-    d = tmp_path / "task"
-    d.mkdir()
-    lines = []
-    for i, f in enumerate(sorted((toy_dataset / "images").glob("*_s.png"))[:4]):
-        shutil.copy(f, d / f.name)
-        lines.append(json.dumps({"file_name": f.name, "text": "a cat" if i % 2 else "a dog"}))
-    (d / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return d
+    return captioned_folder(tmp_path / "task", toy_dataset, 4, lambda i: "a cat" if i % 2 else "a dog")
 
 
 def test_finetune_log_with_tensorboard_writes_events(tiny_paths, captioned, tmp_path):
