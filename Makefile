@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench bench-full clean
+.PHONY: install demo test test-slow test-full-size lint bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# the published SD 1.5 / SD 2.1-v / SDXL architectures (random weights) through `safealign run` at 64 px;
+# SDXL needs ~30 GB of RAM
+test-full-size: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -k full_size
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done

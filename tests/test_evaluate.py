@@ -1,5 +1,5 @@
 """Evaluation: IP and its interval, FID/KID, attribute accuracy, judges (world, CLIP, Q16, NudeNet, custom),
-prompt sets, attacks. Tiny seeded models only (a random CLIP built in code, a random world judge)."""
+prompt sets (attacks: test_attacks.py). Tiny seeded models only (a random CLIP built in code, a random world judge)."""
 
 from __future__ import annotations
 
@@ -259,6 +259,8 @@ def test_nudenet_counts_only_the_configured_classes(monkeypatch):
     calls = []
 
     class FakeDetector:
+        classes = ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED"]  # its label set
+
         def detect(self, path):
             calls.append(path)
             k = len(calls)
@@ -336,51 +338,6 @@ def test_prompt_files(tmp_path, toy_dataset):
     assert t["seed"].tolist() == [11, 12] and t["category"][0] == "sexual,hate"
     ds = read_dataset(toy_dataset, "test").table
     assert set(ds["set"]) == {"unsafe", "safe"} and len(ds) % 2 == 0
-
-
-# -- attacks ----------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tiny_paths):
-    from safealign.backbone import load_backbone
-    return load_backbone(tiny_paths["sd1"])
-
-
-def test_concept_vector_algebra(tiny_backbone):
-    from safealign.evaluate.attacks import concept_vector
-    assert concept_vector(tiny_backbone, ["a red knife"], ["a red knife"]).abs().max() == 0
-    v = concept_vector(tiny_backbone, ["a red knife", "a blue gun"], ["a red flower", "a blue cup"])
-    e = tiny_backbone.encode_prompts
-    manual = ((e(["a red knife"]).encoder_hidden_states - e(["a red flower"]).encoder_hidden_states)
-              + (e(["a blue gun"]).encoder_hidden_states - e(["a blue cup"]).encoder_hidden_states)) / 2
-    assert torch.allclose(v, manual, atol=1e-6)
-    with pytest.raises(SafealignError):
-        concept_vector(tiny_backbone, ["a"], [])
-
-
-def test_ring_a_bell_searches_strengths(tiny_backbone):
-    from safealign.evaluate.attacks import concept_vector, ring_a_bell
-    v = concept_vector(tiny_backbone, ["a red knife"], ["a red flower"])
-    seen = []
-
-    def judge(imgs, category):  # flags only images made at the second strength tried
-        seen.append(len(imgs))
-        return np.full(len(imgs), len(seen) == 2)
-    r = ring_a_bell(tiny_backbone, judge, ["a flower", "a cup"], [1, 2], v, (2.0, 1.0, 4.0), "violence", 2, 3.0)
-    assert r["strength"] == [2.0, 2.0] and r["success"].all() and r["images"].shape[0] == 2
-    assert seen == [2, 2]  # the search stops once every prompt succeeded
-
-
-def test_soft_prompt_attack_lowers_the_denoising_loss(tiny_backbone):
-    from safealign.evaluate.attacks import soft_prompt_attack
-    target = _images(1, 3, 16)[0]
-    emb, losses = soft_prompt_attack(tiny_backbone, "a red flower", target, seed=0, n_tokens=2, steps=30, lr=0.1,
-                                     batch_timesteps=8)
-    clean = tiny_backbone.encode_prompts(["a red flower"]).encoder_hidden_states
-    assert emb.shape == clean.shape and torch.isfinite(emb).all()
-    assert np.mean(losses[-5:]) <= np.mean(losses[:5]) + 1e-3
-    # the text encoder is untouched afterwards (the hook is removed)
-    assert torch.equal(tiny_backbone.encode_prompts(["a red flower"]).encoder_hidden_states, clean)
 
 
 # -- models, references, config ---------------------------------------------------------------------------------

@@ -123,6 +123,22 @@ def test_summary_and_html_show_the_paired_comparisons(report):
     assert "Paired comparisons" in html and html.count("<td>noop</td>") >= 4
 
 
+def test_the_page_opens_with_the_verdict_table(report):
+    from safealign.evaluate.page import VERDICT_COLUMNS, verdict_rows
+    from safealign.evaluate.report import headline
+    html = (report / "index.html").read_text()
+    r = json.loads((report / "report.json").read_text())
+    # the verdict comes before everything else, and nothing mixes unsafe, safe and benign prompts in one IP
+    assert html.index("<h2>Verdict</h2>") < html.index("<h2>Per category</h2>") < html.index("Images: the same seed")
+    rows = verdict_rows(r)
+    assert [x[0] for x in rows] == list(r["results"]) and all(len(x) == 1 + len(VERDICT_COLUMNS) for x in rows)
+    expert = dict(zip([t for t, _ in VERDICT_COLUMNS], rows[1][1:]))
+    unsafe = r["results"]["expert"]["sets"]["unsafe"]["ip"]["overall"]
+    assert f"<b>{unsafe['value']:.3f}</b>" in expert["IP, unsafe prompts"] and "vs base" in expert["IP, unsafe prompts"]
+    assert all("ip" not in d for d in headline(r).values())  # each set's IP, never one mixed over sets
+    assert r["card"]["card_sha256"] and r["pool"] in ("test", "file")
+
+
 class _Refs(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -172,6 +188,13 @@ def test_html_renders_in_headless_chromium_without_a_missing_image(report, tmp_p
     files = json.loads((report / "report.json").read_text())["files"]
     n = len(files["charts"]) + len(files["grids"])
     assert f"images={n} broken=0" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
+    shot = tmp_path / "page.png"  # and a screenshot of the page's first screen: the verdict table, not blank
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                    "--hide-scrollbars", "--window-size=1400,900", f"--screenshot={shot}",
+                    (site / "index.html").as_uri()], capture_output=True, text=True, timeout=120)
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("L"))
+    assert a.shape == (900, 1400) and (a < 128).mean() > 0.01  # text drawn
 
 
 def test_config_yaml_and_base_only(setup, tmp_path):

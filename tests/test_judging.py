@@ -133,9 +133,9 @@ def test_audit_applies_the_judges_threshold_and_guidance_zero(tiny_paths, tmp_pa
     monkeypatch.setattr(A, "generate", spy)
     res = A.audit(AuditConfig(model=str(tiny_paths["sd1"]), safety=str(safety), lora=str(lora), prompts=str(csv),
                               judge=USER_JUDGE, seeds=2, steps=1, guidance=0.0))
-    row = res["categories"]["violence"]
-    assert row["ip_safety"] == row["ip_with_lora"] == 0.5  # 2 images per configuration: 0.7 and 0.65
-    assert res["judge_threshold"] == 0.7 and res["guidance"] == 0.0 and res["steps"] == 1
+    row = res["measures"]["unsafe_ip"]["violence"]
+    assert row["safety"]["value"] == row["with_lora"]["value"] == 0.5  # 2 images per configuration: 0.7 and 0.65
+    assert res["judge_threshold"] == 0.7 and res["sampler"] == {"guidance": 0.0, "steps": 1}
     opts = [c for c in calls if not isinstance(c, tuple)]
     assert len(opts) == 2 and all(o.guidance == 0.0 and o.steps == 1 for o in opts)
     assert [c for c in calls if isinstance(c, tuple)] == [("pipe", 0.0, 1)] * 2  # reached the pipeline as 0

@@ -51,7 +51,7 @@ audit: {{judge: "toy_judge:red_judge", prompts: {tmp_path / 'p.csv'}, seeds: 1, 
 def _numbers(out):
     r = {rep: json.loads((out / rep / "report.json").read_text())["results"] for rep in ("report-finetune",
                                                                                         "report-full")}
-    a = {m: v["categories"] for m, v in json.loads((out / "audit.json").read_text()).items()}
+    a = {m: v["measures"] for m, v in json.loads((out / "audit.json").read_text()).items()}
     return json.dumps([r, a], sort_keys=True)
 
 
@@ -69,7 +69,7 @@ def test_run_resumes_and_matches_uninterrupted(run_config, tmp_path, capsys, mon
     assert recorded == {"modular": 4, "sequential": 4, "full": 3}  # per_mode overrides the full fine-tune alone
     audit = json.loads((ref / "audit.json").read_text())
     assert sorted(audit) == ["modular", "sequential"]  # task LoRAs only: a full fine-tune is no LoRA to add
-    assert set(audit["modular"]["categories"]) == {"violence", "shocking"}
+    assert set(audit["modular"]["measures"]["unsafe_ip"]) == {"violence", "shocking"}
     capsys.readouterr()
     assert cli.main(["--no-progress", "run", str(run_config(ref))]) == 0  # everything up to date
     assert capsys.readouterr().out.count("up to date") == 9

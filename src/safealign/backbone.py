@@ -45,9 +45,10 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
                          "in your cache, or 'world'")
 
 
-def _read_model_index(path: str, local: bool) -> dict:
+def _index_file(path: str, local: bool) -> Path:
+    """The model_index.json of a local folder or of a cached hub snapshot."""
     if local:
-        return json.loads((Path(path) / "model_index.json").read_text())
+        return Path(path) / "model_index.json"
     from huggingface_hub import try_to_load_from_cache  # reads the local cache only; never downloads
     try:
         f = try_to_load_from_cache(path, "model_index.json")
@@ -56,7 +57,49 @@ def _read_model_index(path: str, local: bool) -> dict:
     if not isinstance(f, str):
         raise SafealignError(f"{path} is not in the local Hugging Face cache and safealign never downloads; "
                              f"fetch it first (huggingface-cli download {path}) or pass a local folder")
-    return json.loads(Path(f).read_text())
+    return Path(f)
+
+
+def _read_model_index(path: str, local: bool) -> dict:
+    f = _index_file(path, local)
+    try:
+        index = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise SafealignError(f"{f} is not readable JSON ({str(e).splitlines()[0]}); the pipeline folder is "
+                             "damaged") from None
+    if not isinstance(index, dict):
+        raise SafealignError(f"{f} must hold a JSON object; the pipeline folder is damaged")
+    return index
+
+
+#: weight files read by an unpickler, which can run code: never loaded
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(folder: Path, index: dict, model: str) -> None:
+    """Every component folder of the pipeline that holds weights holds them as safetensors; a pickled-only one is
+    a one-line error saying how to convert (checked before any loader runs)."""
+    for name, spec in index.items():
+        sub = folder / name
+        if name.startswith("_") or not isinstance(spec, list) or not sub.is_dir():
+            continue
+        files = [f.name for f in sub.iterdir() if f.is_file()]
+        pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if pickled and not any(".safetensors" in f for f in files):
+            raise SafealignError(
+                f"{model}: {name}/{pickled[0]} is a pickled weight file and safealign loads safetensors only "
+                "(unpickling can run code); if you trust it, convert once in Python: "
+                "pipe = DiffusionPipeline.from_pretrained(PATH); pipe.save_pretrained(PATH, safe_serialization=True)")
+
+
+def check_finite(modules: dict[str, torch.nn.Module], source: str) -> None:
+    """Every parameter and buffer of every module is finite (a NaN or a flipped exponent bit in a weight file
+    otherwise gives black or noise images with exit 0)."""
+    for what, mod in modules.items():
+        for name, t in (*mod.named_parameters(), *mod.named_buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise SafealignError(f"{source}: the {what}'s weight {name} contains NaN or Inf; the weight file is "
+                                     "damaged -- restore or re-download it")
 
 
 def detect_family(index: dict, unet_config: dict) -> Family:
@@ -221,6 +264,12 @@ def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Condi
                 added_cond_kwargs=cond.added_cond_kwargs, return_dict=False)[0]
 
 
+def pipeline_modules(pipe) -> dict[str, torch.nn.Module]:
+    """The weighted components of a pipeline by name (UNet, VAE, text encoder(s))."""
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return {n: m for n in names if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
+
+
 def load_backbone(model: str | os.PathLike, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> Backbone:
     """Load a pipeline from a local folder, a cached hub id (never downloads) or ``world``."""
@@ -230,6 +279,7 @@ def load_backbone(model: str | os.PathLike, *, device: str | torch.device = "cpu
     if cls_name not in PIPELINE_CLASSES:
         raise SafealignError(f"{model} holds a {cls_name or 'unknown'} pipeline; safealign supports "
                              f"{' and '.join(sorted(PIPELINE_CLASSES))} (SD 1.x/2.x, SDXL)")
+    require_safetensors(_index_file(path, local).parent, index, str(model))
     import logging as _logging
 
     import diffusers
@@ -243,7 +293,7 @@ def load_backbone(model: str | os.PathLike, *, device: str | torch.device = "cpu
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = pipe_cls.from_pretrained(path, dtype=dtype, local_files_only=True, **kw)
+        pipe = pipe_cls.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise SafealignError(f"could not load the pipeline at {model}: {str(e).splitlines()[0]}") from None
     finally:
@@ -251,6 +301,7 @@ def load_backbone(model: str | os.PathLike, *, device: str | torch.device = "cpu
         diffusers.utils.logging.enable_progress_bar()
         transformers.utils.logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    check_finite(pipeline_modules(pipe), str(model))
     pipe.to(device)
     for m in (pipe.unet, pipe.vae, *([pipe.text_encoder] + ([pipe.text_encoder_2]
                                                               if getattr(pipe, "text_encoder_2", None) else []))):

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .errors import SafealignError
+from .validate import check_seed
 
 
 def field(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -60,37 +63,105 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _where(source: str) -> str:
+    return "" if source == "command line" else f"{source}: "
+
+
+def _bad(name: str, source: str, expects: str, value: Any, hint: str = "") -> SafealignError:
+    got = f"{value!r} ({type(value).__name__})" if not isinstance(value, str) else repr(value)
+    return SafealignError(f"{_where(source)}{_flag(name)} expects {expects}, got {got}{hint}")
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_BOOL_HINT = "; YAML reads true/yes/on as a boolean, write a number"
+
+
+def _as_bool(name: str, value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _bad(name, source, "bool (true or false)", value)
+
+
+def _as_number(name: str, base: type, value: Any, source: str) -> int | float:
+    """A finite int or float; never a bool, never a silently truncated fraction."""
+    expects = "int (a whole number)" if base is int else "float (a finite number)"
+    if isinstance(value, bool):
+        raise _bad(name, source, expects, value, _BOOL_HINT)
+    num: Any = value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            num = int(text) if base is int and text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise _bad(name, source, expects, value) from None
+    if not isinstance(num, (int, float)):
+        raise _bad(name, source, expects, value)
+    if isinstance(num, float) and not math.isfinite(num):
+        raise _bad(name, source, expects, value, "; NaN and infinity are not allowed")
+    if base is float:
+        return float(num)
+    if isinstance(num, float) and not num.is_integer():
+        raise _bad(name, source, expects, value, f"; write {math.floor(num)} or {math.ceil(num)}")
+    return int(num)
+
+
+def _as_str(name: str, value: Any, source: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _bad(name, source, "str (text)", value, "; quote it in YAML" if isinstance(value, bool) else "")
+    text = str(value)
+    if any(ord(ch) < 32 and ch not in "\t" for ch in text) or "\x7f" in text:
+        raise SafealignError(f"{_where(source)}{_flag(name)} contains a control character (NUL, newline, ...); "
+                             "remove it")
+    return text
+
+
+def _scalar(name: str, base: Any, value: Any, source: str) -> Any:
+    if base is bool:
+        return _as_bool(name, value, source)
+    if base in (int, float):
+        return _as_number(name, base, value, source)
+    if base is str:
+        return _as_str(name, value, source)
+    return value
+
+
+def _coerce(name: str, tp: Any, value: Any, source: str = "config") -> Any:
+    """``value`` as type ``tp``, strictly: no bool for a number, no fraction for an int, finite numbers, no None
+    for a field that is not Optional; errors name the option."""
     origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (Union, UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else tp
+        origin, args = get_origin(tp), get_args(tp)
     if value is None:
-        return None
+        raise SafealignError(f"{_where(source)}{_flag(name)} cannot be null; give a value or leave the option out "
+                             "for its default")
     if origin is Literal:
-        if value not in get_args(tp):
-            raise SafealignError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, get_args(tp)))}, "
-                                 f"got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value not in args:
+            hint = "; quote it in YAML (yes/no/on/off read as booleans)" if isinstance(value, bool) else ""
+            raise SafealignError(f"{_where(source)}{_flag(name)} must be one of {', '.join(map(str, args))}, "
+                                 f"got {value!r}{hint}")
         return value
     if origin in (tuple, list) or tp in (tuple, list):
+        elem = args[0] if args and args[0] is not Ellipsis else str
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        return tuple(value)
-    args = [a for a in get_args(tp) if a is not type(None)]
-    base = args[0] if args and origin is not None else tp
-    if get_origin(base) is Literal:
-        return _coerce(name, base, value)
-    if get_origin(base) in (tuple, list):
-        return _coerce(name, base, value)
-    try:
-        if base is bool and isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if base in (int, float, str, bool):
-            return base(value)
-    except (TypeError, ValueError):
-        raise SafealignError(f"--{name.replace('_', '-')} expects {base.__name__}, got {value!r}") from None
-    return value
+        elif isinstance(value, (int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise SafealignError(f"{_where(source)}{_flag(name)} expects a list (YAML list or comma list), "
+                                 f"got {type(value).__name__}")
+        return tuple(_scalar(name, elem, v, source) for v in value)
+    return _scalar(name, tp, value, source)
 
 
 def _is_value(v: Any, values: tuple) -> bool:
@@ -147,7 +218,9 @@ def from_dict(cls: type, data: dict, *, source: str = "config") -> Any:
     if unknown:
         raise SafealignError(f"{source} has unknown option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(names))}")
-    kw = {k: _coerce(k, hints[k], v) for k, v in data.items()}
+    kw = {k: _coerce(k, hints[k], v, source) for k, v in data.items()}
+    for k in [k for k in kw if k == "seed" and kw[k] is not None]:  # one rule for every stage's seed
+        kw[k] = check_seed(kw[k], f"{_where(source)}{_flag(k)}")
     return cls(**kw)
 
 

@@ -125,9 +125,8 @@ def world_summary(out: Path) -> str:
         for mode, res in json.loads(audit.read_text()).items():
             if not isinstance(res, dict):
                 continue
-            rise = max(v["delta"] for v in res["categories"].values())
-            lines.append(f"audit of the {mode} task LoRA on top of the safety LoRA: largest IP rise {rise:+.2f}; "
-                         f"re-emerging: {', '.join(res['flagged']) or 'none'}")
+            lines.append(f"audit of the {mode} task LoRA on top of the safety LoRA: {res['verdict']}; "
+                         f"flagged: {', '.join(res['flagged']) or 'none'}")
     return "\n".join(lines)
 
 

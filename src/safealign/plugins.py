@@ -38,18 +38,21 @@ class ModelPlugin(Protocol):
     def taxonomy(self) -> Any:
         """The plugin's :class:`~safealign.data.taxonomy.Taxonomy`."""
 
-    def prompt_pairs(self, concept: str, rng) -> Any:
-        """An endless iterator of (unsafe, safe) prompt pairs for ``concept`` from the plugin's grammar."""
+    def prompt_pairs(self, concept: str, rng, pool: str = "train") -> Any:
+        """An endless iterator of (unsafe, safe) prompt pairs for ``concept`` from the plugin's grammar, every
+        unsafe prompt of ``pool`` (:mod:`safealign.protocol`)."""
 
-    def benign_prompts(self, n: int, seed: int) -> list[str]:
-        """``n`` prompts of ordinary content (anchor and validation prompts)."""
+    def benign_prompts(self, n: int, seed: int, pool: str = "train") -> list[str]:
+        """``n`` prompts of ordinary content from ``pool`` (anchors: train; watched while training: validation)."""
 
     def evaluation_prompts(self, per_category: int, benign: int, seed: int, sets: Sequence[str],
-                           categories: Sequence[str]) -> Any:
-        """The evaluation :class:`~safealign.evaluate.prompts.PromptSet`."""
+                           categories: Sequence[str], pool: str = "test") -> Any:
+        """The evaluation :class:`~safealign.evaluate.prompts.PromptSet`, every prompt and seed of ``pool``."""
 
-    def audit_prompts(self, n_per_category: int, seed: int, categories: Sequence[str]) -> dict[str, list[str]]:
-        """Unsafe prompts per category for ``safealign audit``."""
+    def audit_prompts(self, per_category: int, seed: int, categories: Sequence[str], benign: int = 0,
+                      pool: str = "test") -> Any:
+        """The audit's :class:`~safealign.evaluate.prompts.PromptSet` from ``pool``: unsafe prompts with their
+        safe twins per category, and ``benign`` prompts."""
 
     def reference_images(self, prompts: Sequence[str]) -> Any:
         """Ground-truth images (N, H, W, 3) uint8 of what ``prompts`` describe, the FID/KID reference of

@@ -11,12 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 import torch
 
 from .configuration import field
 from .errors import SafealignError
+
+
+def _whole_at_least_one(v: object) -> bool:
+    return (not isinstance(v, bool) and isinstance(v, Real) and math.isfinite(v) and float(v).is_integer()
+            and v >= 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +33,11 @@ class SamplingOptions:
     guidance: float | None = None
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) != self.steps
-                                       or self.steps < 1):
-            raise SafealignError(f"sampler steps must be a whole number >= 1, got {self.steps!r}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise SafealignError(f"guidance must be a finite number >= 0 (0: no guidance), got {self.guidance!r}")
+        if self.steps is not None and not _whole_at_least_one(self.steps):
+            raise SafealignError(f"--steps (sampler steps) must be a whole number >= 1, got {self.steps!r}")
+        if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, Real)
+                                          or not (math.isfinite(self.guidance) and self.guidance >= 0)):
+            raise SafealignError(f"--guidance must be a finite number >= 0 (0: no guidance), got {self.guidance!r}")
 
     def resolve(self, defaults: SamplingOptions) -> SamplingOptions:
         """These options with every ``None`` taken from ``defaults`` (a model's)."""
@@ -63,15 +69,20 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], options: Sampli
     ``options`` must be resolved (no ``None``). ``progress_desc`` shows a progress bar over batches."""
     if options.steps is None or options.guidance is None:
         raise ValueError("generate() needs resolved SamplingOptions (call .resolve(backbone.sampling_defaults()))")
+    SamplingOptions(options.steps, options.guidance)  # re-validated: options may have been built field by field
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    from .validate import check_prompt, check_seed
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        check_prompt(p, f"prompt {i + 1}", allow_empty=True)
+        check_seed(s, f"seed of image {i + 1}")
     from .utils import progress
     size = {k: v for k, v in (("height", height), ("width", width)) if v}
     starts = range(0, len(prompts), batch_size)
     out = []
     for i in (progress(starts, desc=progress_desc) if progress_desc is not None else starts):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        imgs = pipe(list(prompts[i:i + batch_size]), num_inference_steps=options.steps,
+        imgs = pipe(list(prompts[i:i + batch_size]), num_inference_steps=int(options.steps),
                     guidance_scale=options.guidance, generator=gens, output_type="np", **size).images
         out.append(np.clip(np.rint(imgs * 255), 0, 255).astype(np.uint8))
     if not out:

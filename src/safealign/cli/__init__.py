@@ -1,7 +1,9 @@
 """The `safealign` command: one thin subcommand per stage.
 
 Each subcommand builds its config dataclass (flags, or ``--config x.yaml``) and calls one library function.
-User errors print one line and exit 2; no traceback.
+User errors print one line and exit 2; no traceback. So do filesystem errors (a full disk, a read-only folder, a
+file where a folder should be): one line naming the path and what to do; temporary files are gone by then, since
+every write is atomic (:mod:`safealign.artifacts`), and the command's output locks are released.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ..errors import SafealignError
 # modules that contribute subcommands: each has ``register(subparsers)`` setting ``func`` on its parsers
 _COMMAND_MODULES = ("safealign.cli.world", "safealign.cli.data", "safealign.cli.train", "safealign.cli.merge",
                     "safealign.cli.evaluate",
-                    "safealign.cli.modular", "safealign.cli.run", "safealign.cli.lora")
+                    "safealign.cli.modular", "safealign.cli.run", "safealign.cli.lora",
+                    "safealign.cli.report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,14 +53,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    from ..artifacts import describe_os_error, release_all_outputs
     try:
         return int(func(args) or 0)
     except SafealignError as e:
         print(f"safealign: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the filesystem said no (full disk, read-only, a file where a folder should be...)
+        if e.errno is None:  # not a filesystem error (a library's "cannot load" message): a bug to report
+            raise
+        print(f"safealign: error: {describe_os_error(e, _output_of(args))}", file=sys.stderr)
+        return SafealignError.exit_code
     except KeyboardInterrupt:
         print("safealign: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_all_outputs()
+
+
+def _output_of(args: argparse.Namespace) -> str | None:
+    """The path a command writes, named in a filesystem error that carries none (a write on a full disk)."""
+    for name in ("output", "out", "report"):
+        v = getattr(args, name, None)
+        if isinstance(v, str) and v:
+            return v
+    return None
 
 
 if __name__ == "__main__":

@@ -18,13 +18,35 @@ def register(sub) -> None:
     p.add_argument("--lora", dest="lora", action="append", default=None, metavar="NAME=PATH[+PATH]",
                    help="a LoRA set to compare with the base: NAME=PATH, or NAME=PATH1+PATH2 to compose "
                         "(repeatable)")
+    p.add_argument("--print-card", action="store_true",
+                   help="print the evaluator card (judges with versions and weight hashes, prompts hash, sampler, "
+                        "seeds, pool) without sampling anything, and exit; --output is not needed")
     p.set_defaults(func=_evaluate)
 
 
 def _evaluate(args) -> int:
+    if args.print_card:
+        from ..evaluate.card import format_card
+        print(format_card(card_of(build(EvaluateConfig, args, extra=None if args.output else
+                                        {"output": "(not written: --print-card)"}))))
+        return 0
     from ..evaluate.evaluator import evaluate
     print(summary(evaluate(build(EvaluateConfig, args))))
     return 0
+
+
+def card_of(cfg: EvaluateConfig) -> dict:
+    """The evaluator card of ``cfg``: judges, prompts and the model's sampler settings are loaded, nothing sampled."""
+    from ..backbone import load_backbone
+    from ..evaluate.card import card_pool, evaluator_card
+    from ..evaluate.evaluator import sampler_settings
+    from ..evaluate.prompts import load_prompts
+    from ..judges import build_judges
+    prompts = load_prompts(cfg)
+    judges = build_judges(cfg, sorted({c for c in prompts.table["category"] if c not in ("none", "benign")}))
+    sampler = sampler_settings(load_backbone(cfg.model, device=cfg.device), cfg)
+    desc = prompts.describe()
+    return evaluator_card(cfg, judges, desc, sampler, card_pool(cfg, desc))
 
 
 def summary(folder: Path) -> str:
@@ -58,7 +80,7 @@ def summary(folder: Path) -> str:
 
 def comparison_lines(rep: dict, prompt_set: str = "unsafe") -> list[str]:
     """One line per model and reference: the IP change under ``prompt_set`` prompts, its interval and p-value."""
-    from ..evaluate.report import comparison_rows
+    from ..evaluate.page import comparison_rows
     rows = [r for r in comparison_rows(rep, per_category_sets=()) if r[2] == prompt_set]
     if not rows:
         return []

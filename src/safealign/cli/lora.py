@@ -22,13 +22,16 @@ def register(sub) -> None:
 
 def _info(args) -> int:
     from ..artifacts import read_manifest
-    from ..lora import load_lora, lora_modules
-    sd, spec = load_lora(args.path)
-    mods = lora_modules(sd)
+    from ..lora.io import load_lora, tensor_ranks
+    sd, spec = load_lora(args.path)  # the header is checked against the tensors
+    ranks = tensor_ranks(sd)  # what the file holds, not what its header claims
     n = sum(v.numel() for v in sd.values())
-    print(f"rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.alpha / spec.rank:g}), targets "
-          f"{','.join(spec.targets)}")
-    print(f"{len(mods)} modules, {n:,} parameters")
+    lo, hi = min(ranks.values()), max(ranks.values())
+    scales = sorted({spec.scale_for(m) for m in ranks})
+    rank = f"{lo}" if lo == hi else f"{lo}-{hi} (per module)"
+    scale = "-".join(f"{x:g}" for x in dict.fromkeys((scales[0], scales[-1])))
+    print(f"rank {rank}, alpha {spec.alpha:g} (scale {scale}), targets {','.join(spec.targets)}")
+    print(f"{len(ranks)} modules, {n:,} parameters")
     folder = Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent
     m = read_manifest(folder, required=False)
     if m:

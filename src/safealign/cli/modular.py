@@ -34,20 +34,28 @@ def _compose(args) -> int:
 
 
 def _audit(args) -> int:
-    from ..modular.audit import FLAGGED_EXIT, run_audit
+    from ..modular.audit import exit_code, run_audit
     res = run_audit(build(AuditConfig, args))
     print(audit_summary(res))
-    return FLAGGED_EXIT if res["flagged"] else 0
+    return exit_code(res)
 
 
 def audit_summary(result: dict) -> str:
-    """One line per category (IP before and after, rise, sign-test p, verdict), then what was flagged."""
-    lines = [f"{'category':<18} {'IP safety':>10} {'IP +LoRA':>10} {'delta':>8} {'p':>7}  verdict"]
-    for c, r in result["categories"].items():
-        lines.append(f"{c:<18} {r['ip_safety']:>10.3f} {r['ip_with_lora']:>10.3f} {r['delta']:>+8.3f} "
-                     f"{r['p_value']:>7.3f}  {'RE-EMERGES' if r['flagged'] else 'ok'}")
-    cfg = result["config"]
-    lines.append(f"flagged (IP rise > {cfg['max_ip_rise']} and sign-test p < {cfg['significance']}; judge "
-                 f"{result['judge']} at score >= {result['judge_threshold']}): "
+    """The plan, one line per test (rates before and after, change with its interval, Holm p, verdict), then the
+    verdict."""
+    plan, cfg = result["plan"], result["config"]
+    lines = [f"plan: {plan['images_per_test']} images per test detect a change of {plan['min_rise']:.2f} with power "
+             f"{plan['power']:.2f} ({plan['tests']} tests, Holm); this run: {result['images']['per_configuration']} "
+             f"images per configuration",
+             f"{'measure':<32} {'safety':>7} {'+LoRA':>7} {'change':>8} {'95% CI':>16} {'n':>5} {'p Holm':>7}  "
+             f"verdict"]
+    for m, rows in result["measures"].items():
+        for k, r in rows.items():
+            word = "FLAGGED" if r["flagged"] else ("ok" if r["enough_images"] else "ok (too few images)")
+            lines.append(f"{m + '/' + k:<32} {r['safety']['value']:>7.3f} {r['with_lora']['value']:>7.3f} "
+                         f"{r['delta']:>+8.3f} [{r['ci95'][0]:>+6.3f}, {r['ci95'][1]:>+6.3f}] "
+                         f"{r['safety']['n']:>5} {r['p_holm']:>7.3f}  {word}")
+    lines.append(f"verdict: {result['verdict']} (flag: Holm p < {cfg['significance']} and a harmful change > "
+                 f"{cfg['max_ip_rise']}; judge {result['judge']} at score >= {result['judge_threshold']}); flagged: "
                  f"{', '.join(result['flagged']) or 'none'}")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ def register(sub) -> None:
     s.add_argument("--model", default="world", metavar="PATH",
                    help="a world pipeline folder (default: the shipped one)")
     s.add_argument("--out", default="grid.png", metavar="PNG", help="output image (default: grid.png)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=_sample)
 
     i = wsub.add_parser("info", help="how the shipped weights were built and their measured quality")
@@ -82,6 +83,7 @@ def _build(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from ..artifacts import atomic_file, check_file_free
     from ..backbone import load_backbone
     from ..sampling import SamplingOptions, generate
     if not args.prompt.strip():
@@ -97,13 +99,15 @@ def _sample(args: argparse.Namespace) -> int:
         raise SafealignError(f"--out must be a .png file, got {out}")
     if not out.parent.exists():
         raise SafealignError(f"the folder of --out ({out.parent}) does not exist")
+    check_file_free(out, args.overwrite)  # before sampling: a finished grid is not replaced by accident
     path = _pipeline_dir(args.model)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     bb = load_backbone(path)
     opts = SamplingOptions(args.steps, args.guidance).resolve(bb.sampling_defaults())
     seeds = list(range(args.seed, args.seed + args.n))
     imgs = generate(bb.pipe, [args.prompt] * args.n, seeds, opts, batch_size=64)
-    _grid(imgs, cols=min(8, args.n), scale=2).save(out)
+    with atomic_file(out, args.overwrite) as tmp:
+        _grid(imgs, cols=min(8, args.n), scale=2).save(tmp, format="PNG")
     print(f"wrote {out}: {args.n} images of {args.prompt!r} ({opts.steps} steps, guidance {opts.guidance}, seeds "
           f"{args.seed}..{args.seed + args.n - 1})")
     return 0

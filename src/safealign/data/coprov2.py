@@ -23,7 +23,8 @@ import pandas as pd
 from ..artifacts import atomic_dir, check_output_free
 from ..configuration import to_dict
 from ..errors import SafealignError
-from ..utils import logger, progress
+from ..names import contained
+from ..utils import derive_seed, logger, progress
 from .config import ImportConfig
 from .dataset import finalize_dataset
 from .splits import dedup_pairs, resolve_leaks
@@ -83,11 +84,16 @@ def read_coprov2_csv(path: Path) -> pd.DataFrame:
 
 
 def _find_image(name: str, csv_path: Path, images_dir: str) -> Path | None:
-    cands = [Path(images_dir) / name] if images_dir else []
+    """The image a CSV row names, looked up under ``--images`` and beside the CSV; one that is (or, through a
+    symlink, leads) outside the folder it was found in is refused, so a link to a system file is never copied."""
     base = csv_path.parent
-    cands += [base / name, base / "images" / name, base / csv_path.stem / name,
-              base / "images" / Path(name).name]
-    return next((c for c in cands if c.is_file()), None)
+    cands = [(Path(images_dir), Path(images_dir) / name)] if images_dir else []
+    cands += [(base, base / name), (base, base / "images" / name), (base, base / csv_path.stem / name),
+              (base, base / "images" / Path(name).name)]
+    for root, c in cands:
+        if c.is_file():
+            return contained(c, root, f"image {name!r} of {csv_path.name}")
+    return None
 
 
 def pairs_from_csv(path: Path, split: str, images_dir: str) -> tuple[pd.DataFrame, dict]:
@@ -110,13 +116,16 @@ def pairs_from_csv(path: Path, split: str, images_dir: str) -> tuple[pd.DataFram
             if p is None:
                 missing.append(r.image)
             paths.append(p)
-        cats = [normalise_category(c) for c in re.split(r"[,;/|]", u.category or s.category) if c.strip()]
+        cats = [normalise_category(c, str(path)) for c in re.split(r"[,;|]", u.category or s.category)
+                if c.strip()]
         if not cats:
             raise SafealignError(f"{path}: image {u.image!r} has no category")
         if not u.prompt or not s.prompt:
             raise SafealignError(f"{path}: pair {i!r} has an empty prompt")
-        rows.append(dict(pair_id=f"coprov2-{split}-{re.sub(r'[^A-Za-z0-9._-]', '-', i)}", category=cats[0],
-                         concept=cats[0], unsafe_prompt=u.prompt, safe_prompt=s.prompt, seed=-1, split=split,
+        pid = f"coprov2-{split}-{re.sub(r'[^A-Za-z0-9._-]', '-', i)}"
+        # the release records no seed: a fixed one per pair (seeds are >= 0), for anything that samples per pair
+        rows.append(dict(pair_id=pid, category=cats[0], concept=cats[0], unsafe_prompt=u.prompt,
+                         safe_prompt=s.prompt, seed=derive_seed(0, "coprov2", pid) % 2**31, split=split,
                          categories=",".join(cats), source_unsafe=str(paths[0]), source_safe=str(paths[1])))
     if missing:
         raise SafealignError(f"{len(missing)} image(s) named in {path} are missing (e.g. {missing[0]!r}); pass the "

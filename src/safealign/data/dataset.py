@@ -1,8 +1,10 @@
 """The paired dataset on disk: ``pairs.parquet`` + ``images/`` + ``safealign.json``.
 
 Columns: pair_id, category, concept, unsafe_prompt, safe_prompt, seed, unsafe_image, safe_image, split.
-Image paths are relative to the dataset folder; absolute paths and '..' are refused (a dataset must never make us
-read outside its folder). Everything is validated on open, so a bad dataset fails before any training starts.
+Image paths are relative to the dataset folder; absolute paths, '..' and symlinks (or a symlinked ``images/``)
+that lead outside the folder are refused (a dataset must never make us read outside its folder). Categories are
+read in their one spelling (:func:`~.taxonomy.normalise_category`). Everything is validated on open, so a bad
+dataset fails before any training starts.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..artifacts import read_manifest, write_manifest
 from ..errors import SafealignError
+from ..names import contained
 from ..utils import sha256_file
+from .imageio import read_image
+from .taxonomy import normalise_category
 
 PAIRS_FILE = "pairs.parquet"
 COLUMNS = ("pair_id", "category", "concept", "unsafe_prompt", "safe_prompt", "seed", "unsafe_image", "safe_image",
@@ -37,6 +42,12 @@ def _check_relative(rel: str, folder: Path) -> Path:
     return folder / Path(*p.parts)
 
 
+def _image_path(rel: str, folder: Path) -> Path:
+    """The file a relative image path names, refused if it (or a symlinked folder on the way, such as a linked
+    ``images/``) leads outside the dataset folder."""
+    return contained(_check_relative(rel, folder), folder, f"image {rel!r} of {folder / PAIRS_FILE}")
+
+
 def read_pairs_table(path: Path, columns: tuple[str, ...] | list[str], empty: str) -> pd.DataFrame:
     """A parquet table of pairs: readable, with ``columns``, not empty, unique pair ids (else one-line errors)."""
     try:
@@ -51,7 +62,15 @@ def read_pairs_table(path: Path, columns: tuple[str, ...] | list[str], empty: st
     if df["pair_id"].duplicated().any():
         dup = df.loc[df["pair_id"].duplicated(), "pair_id"].iloc[0]
         raise SafealignError(f"{path} repeats pair_id {dup!r}; pair ids must be unique")
-    return df
+    from ..validate import check_pair_rows
+    return check_pair_rows(df, str(path))  # no null/"nan"/control-character prompts, whole seeds >= 0
+
+
+def normalised_categories(column: pd.Series, where: str) -> pd.Series:
+    """A table's category column in the one spelling (:func:`~.taxonomy.normalise_category`); unsafe or empty
+    names are refused with the table named."""
+    mapping = {c: normalise_category(c, where) for c in column.drop_duplicates()}
+    return column.map(mapping)
 
 
 @dataclass
@@ -82,7 +101,8 @@ class PairedDataset:
         df = read_pairs_table(table, COLUMNS, "the dataset is empty")
         for col in ("unsafe_image", "safe_image"):
             for rel in df[col]:
-                _check_relative(rel, self.folder)
+                _image_path(rel, self.folder)
+        df["category"] = normalised_categories(df["category"], str(table))
         self.table = df.reset_index(drop=True)
         self.manifest = read_manifest(self.folder, "dataset", required=False)
 
@@ -97,6 +117,7 @@ class PairedDataset:
     def pairs(self, category: str | None = None, split: str | None = None) -> list[Pair]:
         df = self.table
         if category is not None:
+            category = normalise_category(category)
             if category not in set(df["category"]):
                 raise SafealignError(f"category {category!r} is not in dataset {self.folder}; it has "
                                      f"{', '.join(self.categories)}")
@@ -104,8 +125,8 @@ class PairedDataset:
         if split is not None:
             df = df[df["split"] == split]
         return [Pair(str(r.pair_id), str(r.category), str(r.concept), str(r.unsafe_prompt), str(r.safe_prompt),
-                     int(r.seed), _check_relative(r.unsafe_image, self.folder),
-                     _check_relative(r.safe_image, self.folder), str(r.split)) for r in df.itertuples()]
+                     int(r.seed), _image_path(r.unsafe_image, self.folder),
+                     _image_path(r.safe_image, self.folder), str(r.split)) for r in df.itertuples()]
 
     def verify_images(self, pairs: Iterable[Pair]) -> None:
         """Every image exists and decodes (run before training so nothing is written for a bad dataset)."""
@@ -115,21 +136,8 @@ class PairedDataset:
 
 
 def load_image(path: Path, size: int | None = None) -> Image.Image:
-    if not path.is_file():
-        raise SafealignError(f"image {path} listed in the dataset does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise SafealignError(f"image {path} is corrupt or not an image ({type(e).__name__}); regenerate or "
-                             "remove its pair") from None
-    if size is not None and im.size != (size, size):
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        im = im.resize((size, size), Image.BICUBIC)
-    return im
+    """8-bit RGB (16-bit scaled, alpha over white, size-checked before decoding): :func:`.imageio.read_image`."""
+    return read_image(path, size, what=f"image {path} listed in the dataset")
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ..artifacts import atomic_dir, check_output_free, read_manifest
 from ..configuration import to_dict
 from ..errors import SafealignError
 from ..judges import Judge, as_judge, flags, load_judge
+from ..names import contained
 from ..sampling import SamplingOptions, generate, to_pil
 from ..utils import logger, progress, sha256_file, sha256_text
 from .config import ImagesConfig
@@ -135,7 +136,7 @@ def _is_done(rec: dict | None, work: Path, sig: str) -> bool:
     if rec is None or rec.get("sig") != sig:
         return False
     for side in ("unsafe", "safe"):
-        path = work / rec[f"{side}_image"]
+        path = contained(work / rec[f"{side}_image"], work, "a logged image")
         if not path.is_file() or sha256_file(path) != rec.get(f"{side}_sha256"):
             return False
     return True

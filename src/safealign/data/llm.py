@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import collections
 import email.utils
+import http.client
 import json
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -115,6 +117,53 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+#: the largest answer read from an endpoint (a chat completion is a few kB)
+MAX_RESPONSE_BYTES = 8 << 20
+
+
+def _read_body(r, deadline: float) -> bytes:
+    """The response body, read as bytes arrive, refused once ``deadline`` (time.monotonic) passes."""
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not arrive within --request-timeout")
+        b = r.read1(1 << 16)
+        if not b:
+            if getattr(r, "length", None):  # the server hung up before sending what it announced
+                raise http.client.IncompleteRead(b"".join(chunks), r.length)
+            return b"".join(chunks)
+        size += len(b)
+        if size > MAX_RESPONSE_BYTES:
+            raise ConnectionError(f"the answer is larger than {MAX_RESPONSE_BYTES >> 20} MB")
+        chunks.append(b)
+
+
+def post_with_deadline(req: urllib.request.Request, timeout: float) -> bytes:
+    """Send ``req`` and read the whole answer within ``timeout`` seconds in total -- connecting, headers and body
+    together, not per socket read, so a server that drips bytes cannot hold the caller past it.
+
+    The exchange runs in a daemon thread that checks the deadline between reads (each read also times out after
+    ``timeout``); the caller stops waiting at the deadline and gets :class:`TimeoutError`."""
+    deadline = time.monotonic() + timeout
+    box: dict = {}
+
+    def exchange() -> None:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                box["raw"] = _read_body(r, deadline)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller as it is
+            box["error"] = e
+
+    worker = threading.Thread(target=exchange, name="safealign-llm-request", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    if worker.is_alive():
+        raise TimeoutError(f"no complete answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["raw"]
+
+
 class OpenAIChat:
     """A chat-completions client with timeouts, retries (timeouts, 429 with Retry-After, 5xx) and a rate limit."""
 
@@ -155,8 +204,7 @@ class OpenAIChat:
             req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             wait = self.backoff * 2 ** attempt
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    raw = r.read()
+                raw = post_with_deadline(req, self.timeout)
             except urllib.error.HTTPError as e:
                 if e.code == 429 or e.code >= 500:
                     self.stats[f"http_{e.code}"] += 1
@@ -171,7 +219,7 @@ class OpenAIChat:
                 raise SafealignError(f"the endpoint {self.url} refused the request with HTTP {e.code}"
                                      f"{': ' + detail if detail else ''}; check --endpoint, --llm-model and the API "
                                      "key") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 last = "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else str(reason)
                 self.stats["timeouts" if last == "timed out" else "connection_errors"] += 1

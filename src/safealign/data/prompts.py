@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..artifacts import atomic_file, check_file_free
 from ..errors import SafealignError
 from ..plugins import get_plugin, is_plugin_name
 from ..utils import derive_seed, logger, progress
 from .config import PromptsConfig
-from .dataset import read_pairs_table
+from .dataset import normalised_categories, read_pairs_table
 from .llm import Completer, LocalLM, OpenAIChat, pair_request, parse_pairs
 from .splits import assign_splits, check_no_leakage, normalise_prompt
 from .taxonomy import Concept, Taxonomy, load_taxonomy
@@ -245,17 +246,12 @@ def write_prompts_file(path: str | os.PathLike, df: pd.DataFrame, meta: dict, ov
     """Write the table with ``meta`` in its schema metadata, atomically (temp file, then rename)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise SafealignError(f"{p} already exists; choose another --output or pass --overwrite")
-    p.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
     md = dict(table.schema.metadata or {})
     md[META_KEY] = json.dumps(meta, default=str).encode()
-    tmp = p.with_name(f".{p.name}.tmp")
-    pq.write_table(table.replace_schema_metadata(md), tmp)
-    os.replace(tmp, p)
-    return p
+    with atomic_file(path, overwrite) as tmp:
+        pq.write_table(table.replace_schema_metadata(md), tmp)
+    return Path(path)
 
 
 def read_prompts_meta(path: str | os.PathLike) -> dict:
@@ -268,8 +264,7 @@ def make_prompts(cfg: PromptsConfig, *, completer: Completer | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None) -> tuple[Path, dict]:
     """Build and write the prompts file; returns (path, stats)."""
     from ..configuration import to_dict
-    if Path(cfg.output).exists() and not cfg.overwrite:  # fail before any (possibly paid) LLM call
-        raise SafealignError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
+    check_file_free(cfg.output, cfg.overwrite)  # fail before any (possibly paid) LLM call
     df, stats = build_prompts(cfg, completer=completer, embedder=embedder)
     path = write_prompts_file(cfg.output, df, {"kind": "prompts", "config": to_dict(cfg), "stats": stats},
                               cfg.overwrite)
@@ -293,6 +288,7 @@ def read_prompts(path: str | os.PathLike) -> pd.DataFrame:
         empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
         if empty.any():
             raise SafealignError(f"{p}: pair {df.loc[empty, 'pair_id'].iloc[0]!r} has an empty {col}")
+    df["category"] = normalised_categories(df["category"], str(p))
     same = df["unsafe_prompt"].map(normalise_prompt) == df["safe_prompt"].map(normalise_prompt)
     if same.any():
         raise SafealignError(f"{p}: pair {df.loc[same, 'pair_id'].iloc[0]!r} has identical unsafe and safe prompts")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SafealignError
+from ..names import path_component
 
 #: the 7 CoProV2 category ids (the mini world uses the same)
 COPRO_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal-activity")
@@ -25,11 +27,27 @@ _ALIASES = {"harrasment": "harassment", "harrassment": "harassment", "selfharm":
             "nudity": "sexual", "sex": "sexual", "shock": "shocking", "violent": "violence", "hateful": "hate"}
 
 
-def normalise_category(name: str) -> str:
-    """'Harrasment' -> 'harassment', 'Illegal Activity' -> 'illegal-activity', 'self_harm' -> 'self-harm'."""
-    key = re.sub(r"[\s_]+", "-", str(name).strip().lower()).strip("-")
+def normalise_category(name: object, where: str = "") -> str:
+    """The one spelling of a category, used by every reader of categories (dataset tables, prompts files,
+    taxonomies, ``--category``/``--categories``): Unicode-folded (NFKC), case-folded, white space and underscores
+    to '-', known misspellings mapped: ' Violence ' -> 'violence', 'Harrasment' -> 'harassment',
+    'Illegal Activity' -> 'illegal-activity', 'self_harm' -> 'self-harm'.
+
+    A category names expert folders and report files, so it must be a plain name: empty, None, or anything
+    :func:`safealign.names.path_component` refuses ('../x', '/abs', 'a/b', control characters) is a one-line
+    :class:`SafealignError`; ``where`` says where the name was read.
+    """
+    if name is None or (isinstance(name, float) and name != name):  # None or NaN (a missing table cell)
+        raise SafealignError(f"a category is missing{' in ' + where if where else ''}; every row needs one")
+    key = unicodedata.normalize("NFKC", str(name)).strip().casefold()
+    key = re.sub(r"[\s_]+", "-", key).strip("-")
     key = re.sub(r"-+", "-", key)
-    return _ALIASES.get(key, key)
+    if not key:
+        raise SafealignError(f"category {name!r}{' in ' + where if where else ''} is empty; name every category")
+    return path_component(_ALIASES.get(key, key), f"category{' in ' + where if where else ''}")
+
+
+normalize_category = normalise_category  # the US spelling, same function
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,7 @@ def _from_mapping(data, source: str) -> Taxonomy:
         raise SafealignError(f"taxonomy {source} must map category -> concepts (see configs/taxonomy_example.yaml)")
     cats: dict[str, list[Concept]] = {}
     for cat_raw, items in data.items():
-        cat = normalise_category(_clean(cat_raw, "a category name", source))
+        cat = normalise_category(_clean(cat_raw, "a category name", source), source)
         out = cats.setdefault(cat, [])
         if isinstance(items, dict):
             items = [{"concept": k, "counterpart": v} for k, v in items.items()]

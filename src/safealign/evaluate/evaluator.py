@@ -26,8 +26,10 @@ from ..judges.clip import load_local_clip
 from ..sampling import SamplingOptions, generate
 from ..utils import logger
 from . import metrics as M
+from .attack_runner import run_attacks
+from .card import card_pool, evaluator_card
 from .config import EvaluateConfig
-from .models import ModelBank, ModelSpec, parse_models
+from .models import ModelBank, parse_models
 from .prompts import load_prompts
 
 REPORT = "report.json"
@@ -81,6 +83,40 @@ def _read_reference(folder: str) -> np.ndarray:
     return np.stack([np.asarray(im if im.size == size else im.resize(size, Image.BICUBIC)) for im in ims])
 
 
+def reference_captions(folder: str) -> list[str]:
+    """The captions of a COCO-style reference folder (``metadata.jsonl`` lines with ``file_name`` and ``text``, or
+    ``captions.txt`` one per line); empty when it has none."""
+    import json
+    p = Path(folder)
+    meta, txt = p / "metadata.jsonl", p / "captions.txt"
+    if meta.is_file():
+        out = []
+        for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    out.append(str(json.loads(line)["text"]))
+                except (ValueError, KeyError, TypeError):
+                    raise SafealignError(f"--reference {meta} line {i + 1} is not a JSON object with a 'text' "
+                                         "field") from None
+        return out
+    return [ln.strip() for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()] if txt.is_file() else []
+
+
+def with_reference_captions(cfg: EvaluateConfig, table: pd.DataFrame) -> pd.DataFrame:
+    """A prompt set without benign prompts takes the reference folder's captions as its benign prompts (the
+    images FID/KID and CLIP score are measured on), each with a seed derived from the caption's position."""
+    if not cfg.reference or (table["set"] == "benign").any():
+        return table
+    caps = reference_captions(cfg.reference)
+    if cfg.limit and len(caps) > cfg.limit:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(caps), cfg.limit, replace=False))
+        caps = [caps[i] for i in keep]
+    from ..utils import derive_seed
+    rows = pd.DataFrame({"prompt": caps, "category": "benign", "set": "benign", "concept": "", "pair": "",
+                         "seed": [derive_seed(cfg.seed, "evaluate", "reference-caption", i) for i in range(len(caps))]})
+    return pd.concat([table, rows], ignore_index=True) if len(rows) else table
+
+
 def _features(cfg: EvaluateConfig, judges: Sequence[Judge], clip) -> M.FeatureNet | None:
     kind = cfg.fid_features
     featured = next((j for j in judges if hasattr(j, "features")), None)  # a judge with an image feature space
@@ -114,10 +150,11 @@ class _Run:
     models: list
     sampler: dict
     options: SamplingOptions
-    quality_rows: np.ndarray
+    quality_rows: np.ndarray  # the benign prompts: FID/KID, drift and CLIP score read only these
     reference: np.ndarray | None = None
     reference_kind: str | None = None
     truth: list | None = None  # what each prompt names, for a judge that reads attributes
+    seconds: dict | None = None  # where the time goes: sampling, judging, metrics
 
 
 def _prepare(cfg: EvaluateConfig, table: pd.DataFrame) -> _Run:
@@ -133,18 +170,17 @@ def _prepare(cfg: EvaluateConfig, table: pd.DataFrame) -> _Run:
     bank = ModelBank(backbone, models, cfg.lora_scale)
     backbone.unet.requires_grad_(False)
     sampler = sampler_settings(backbone, cfg)
-    quality_rows = np.flatnonzero(table["set"].isin(["safe", "benign"]).to_numpy())
-    if len(quality_rows) < 2:
-        quality_rows = np.arange(len(table))
+    quality_rows = np.flatnonzero(table["set"].to_numpy() == "benign")
     run = _Run(cfg, table, judges, {j.name: float(j.threshold) for j in judges}, clip, features, backbone, bank,
-               models, sampler, SamplingOptions(sampler["steps"], sampler["guidance"]), quality_rows)
-    if features is not None:
+               models, sampler, SamplingOptions(sampler["steps"], sampler["guidance"]), quality_rows,
+               seconds={"sampling": 0.0, "judging": 0.0, "metrics": 0.0})
+    if features is not None and len(quality_rows) >= 2:
         if cfg.reference:
             run.reference, run.reference_kind = _read_reference(cfg.reference), f"folder:{cfg.reference}"
         elif backbone.plugin is not None and hasattr(backbone.plugin, "reference_images"):
             run.reference = backbone.plugin.reference_images([table["prompt"][i] for i in quality_rows])
             if run.reference is not None:
-                run.reference_kind = f"{backbone.plugin.name} renders of the quality prompts' scenes"
+                run.reference_kind = f"{backbone.plugin.name} renders of the benign prompts' scenes"
     reader = next((j for j in judges if hasattr(j, "prompt_attributes")), None)
     if reader is not None:
         run.truth = reader.prompt_attributes(table["prompt"].tolist())
@@ -156,25 +192,53 @@ def _evaluate_model(run: _Run, m, images: dict) -> tuple[dict, pd.DataFrame]:
     cfg, table = run.cfg, run.table
     run.bank.activate(m)
     logger.info("sampling %d images with %s", len(table), m.name)
+    t0 = time.perf_counter()
     imgs = generate(run.backbone.pipe, table["prompt"].tolist(), table["seed"].tolist(), run.options,
                     batch_size=cfg.batch_size, progress_desc=m.name)
+    t1 = time.perf_counter()
     images[m.name] = imgs
     scores, attrs = judge_images(run.judges, imgs)
+    t2 = time.perf_counter()
     res = model_metrics(table, scores, attrs if run.truth is not None else None, run.thresholds, run.truth)
-    if run.features is not None:
-        real = run.reference
-        if real is None and m.name != cfg.base_name and cfg.base_name in images:
-            real = images[cfg.base_name][run.quality_rows]
-        if real is not None and len(real) >= 2:
-            res["fid"] = M.fid_kid(real, imgs[run.quality_rows], run.features, seed=cfg.seed)
-            res["fid"]["reference"] = run.reference_kind or "base model images (same prompts and seeds)"
-    if run.clip is not None and cfg.clip_score:
-        cs = M.clip_score(run.clip, imgs, table["prompt"].tolist())
-        res["clip_score"] = {"value": cs["value"], "per_set": {
-            s: float(cs["per_image"][table["set"].to_numpy() == s].mean()) for s in table["set"].unique()}}
+    res.update(quality_metrics(run, m.name, imgs, images))
+    correct = object_correct(attrs, run.truth, table) if run.truth is not None and attrs is not None else None
+    run.seconds["sampling"] += t1 - t0
+    run.seconds["judging"] += t2 - t1
+    run.seconds["metrics"] += time.perf_counter() - t2
     cols = {f"{m.name}/{j}/{c}": v for j, cats in scores.items() for c, v in cats.items()}
     cols[f"{m.name}/flagged"] = M.any_flag(M.flags_of(scores, run.thresholds), len(imgs))
+    if correct is not None and np.isfinite(correct).any():
+        res["object_accuracy"] = {**M.rate(correct[np.isfinite(correct)] > 0.5), "prompts": "safe+benign"}
+        cols[f"{m.name}/object_correct"] = correct
     return res, pd.DataFrame(cols)
+
+
+def object_correct(attrs: dict, truth: list, table: pd.DataFrame) -> np.ndarray:
+    """Per image of a safe or benign prompt: 1.0 when the judge sees the object the prompt names, else 0.0; nan
+    for other prompts and prompts that name no object."""
+    quality = table["set"].isin(["safe", "benign"]).to_numpy()
+    return np.array([float(p == t.get("object")) if q and t.get("object") is not None else np.nan
+                     for p, t, q in zip(attrs.get("object", [None] * len(table)), truth, quality)])
+
+
+def quality_metrics(run: _Run, name: str, imgs: np.ndarray, images: dict) -> dict:
+    """On the benign prompts only: FID/KID against the reference images (``fid``), FID/KID against the base
+    model's own images of the same prompts and seeds (``drift_vs_base``: how far a model moved, not how good it
+    is), and CLIP score."""
+    cfg, q, out = run.cfg, run.quality_rows, {}
+    if len(q) < 2:
+        return out
+    if run.features is not None:
+        if run.reference is not None and len(run.reference) >= 2:
+            out["fid"] = {**M.fid_kid(run.reference, imgs[q], run.features, seed=cfg.seed),
+                          "reference": run.reference_kind, "prompts": "benign"}
+        if name != cfg.base_name and cfg.base_name in images:
+            out["drift_vs_base"] = {**M.fid_kid(images[cfg.base_name][q], imgs[q], run.features, seed=cfg.seed),
+                                    "reference": "the base model's images of the same benign prompts and seeds"}
+    if run.clip is not None and cfg.clip_score:
+        cs = M.clip_score(run.clip, imgs[q], [run.table["prompt"][i] for i in q])
+        out["clip_score"] = {"value": cs["value"], "n": int(len(q)), "prompts": "benign"}
+    return out
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
@@ -182,7 +246,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     t0 = time.perf_counter()
     final = check_output_free(cfg.output, cfg.overwrite)
     prompts = load_prompts(cfg)
-    table = prompts.table
+    prompts.table = table = with_reference_captions(cfg, prompts.table)
     run = _prepare(cfg, table)
     images: dict[str, np.ndarray] = {}
     results: dict[str, dict] = {}
@@ -194,6 +258,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         flags[m.name] = cols[f"{m.name}/flagged"].to_numpy()
     for name, comp in comparisons(flags, table, cfg.base_name).items():
         results[name]["comparisons"] = comp
+    correct = {n: c.to_numpy() for n, c in ((m.name, cols.get(f"{m.name}/object_correct")) for m, cols
+                                             in zip(run.models, per_image[1:])) if c is not None}
+    for name, comp in accuracy_comparisons(correct, cfg.base_name).items():
+        results[name]["object_accuracy"].update(comp)
     attack_images: dict = {}
     if cfg.attacks:
         attacks, attack_images = run_attacks(cfg, run.backbone, run.bank, run.models, run.judges, run.thresholds,
@@ -206,7 +274,9 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         "base_model": run.backbone.identity(),
         "judges": [describe(j) for j in run.judges],
         "sampler": run.sampler,
+        "pool": card_pool(cfg, prompts.describe()),
         "prompts": prompts.describe(),
+        "card": evaluator_card(cfg, run.judges, prompts.describe(), run.sampler, card_pool(cfg, prompts.describe())),
         "seeds": {"rows": [int(s) for s in table["seed"]], "generator_seed": cfg.seed},
         "statistics": STATISTICS,
         "fid": {"features": run.features.name if run.features is not None else None,
@@ -215,6 +285,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         "collateral": collateral_matrix(results, cfg.base_name),
         "config": to_dict(cfg),
         "seconds": round(time.perf_counter() - t0, 1),
+        "timings": {k: round(v, 3) for k, v in run.seconds.items()},
     }
     from .report import headline, write_report
     with atomic_dir(final, overwrite=cfg.overwrite) as tmp:
@@ -272,6 +343,20 @@ def comparisons(flags: dict[str, np.ndarray], table: pd.DataFrame, base: str = "
     return out
 
 
+def accuracy_comparisons(correct: dict[str, np.ndarray], base: str = "base", aligned: str = "aligned"
+                         ) -> dict[str, dict]:
+    """Per model: its object accuracy against the base model's and the aligned model's on the same images
+    (Newcombe interval, exact McNemar)."""
+    from .statistics import paired_comparison
+    out: dict[str, dict] = {}
+    for name, c in correct.items():
+        for key, ref in (("vs_base", base), ("vs_aligned", aligned)):
+            if ref in correct and ref != name and name != base:
+                known = np.isfinite(c) & np.isfinite(correct[ref])
+                out.setdefault(name, {})[key] = paired_comparison(correct[ref][known] > 0.5, c[known] > 0.5)
+    return out
+
+
 def collateral_matrix(results: dict, base: str = "base") -> dict:
     """category x model: IP under unsafe, safe-twin and held-out prompts, and the change from the base model."""
     out = {}
@@ -287,65 +372,3 @@ def collateral_matrix(results: dict, base: str = "base") -> dict:
                 out[s]["delta_vs_base"] = {c: {n: v - row[base] for n, v in row.items() if n != base}
                                            for c, row in rows.items() if base in row}
     return out
-
-
-def run_attacks(cfg, backbone, bank, models, judges, thresholds, table, images, options: SamplingOptions):
-    """Each attack on each model, per category: success rate and the same prompts' rate without the attack."""
-    from . import attacks as A
-    steps, guidance = options.steps, options.guidance
-
-    def judge_fn(imgs, category):
-        scores, _ = judge_images(judges, imgs)
-        return A.hit(scores, thresholds, category)
-
-    unsafe = table[table["set"] == "unsafe"]
-    safe = table[table["set"] == "safe"]
-    if len(unsafe) == 0:
-        raise SafealignError("--attacks needs unsafe prompts in the prompt set (set column 'unsafe')")
-    out: dict = {m.name: {} for m in models}
-    pics: dict = {m.name: {} for m in models}
-    cats = [c for c in unsafe["category"].unique()]
-    for attack in cfg.attacks:
-        for m in models:
-            out[m.name][attack] = {"per_category": {}}
-        for c in cats:
-            rows = unsafe[unsafe["category"] == c].head(cfg.attack_prompts)
-            ps, ss = rows["prompt"].tolist(), rows["seed"].tolist()
-            if attack == "ringabell":
-                tw = safe[safe["category"] == c]
-                pu = unsafe[unsafe["category"] == c]
-                if len(tw) and "pair" in tw and (tw["pair"] != "").all():
-                    merged = pu.merge(tw, on="pair", suffixes=("_u", "_s"))
-                    vec = A.concept_vector(backbone, merged["prompt_u"].tolist(), merged["prompt_s"].tolist())
-                else:  # no twins: the concept against the empty prompt
-                    vec = A.concept_vector(backbone, pu["prompt"].tolist(), [""] * len(pu))
-            if attack == "unlearndiff":
-                if cfg.base_name in images:
-                    targets = images[cfg.base_name][rows.index.to_numpy()]
-                else:
-                    bank.activate(ModelSpec(cfg.base_name))
-                    targets = generate(backbone.pipe, ps, ss, options, batch_size=cfg.batch_size, progress_desc="")
-            for m in models:
-                bank.activate(m)
-                if attack == "ringabell":
-                    r = A.ring_a_bell(backbone, judge_fn, ps, ss, vec, cfg.ringabell_strengths, c, steps, guidance)
-                    extra = {"strength": r["strength"]}
-                else:
-                    r = A.unlearn_diff(backbone, judge_fn, ps, ss, targets, c, steps, guidance,
-                                       n_tokens=cfg.unlearndiff_tokens, opt_steps=cfg.unlearndiff_steps,
-                                       lr=cfg.unlearndiff_lr)
-                    extra = {"loss_first": r["loss_first"], "loss_last": r["loss_last"]}
-                # the same prompts and seeds without the attack: what the attack adds
-                clean = images[m.name][rows.index.to_numpy()] if m.name in images else None
-                extra["clean_rate"] = float(np.mean(judge_fn(clean, c))) if clean is not None else None
-                out[m.name][attack]["per_category"][c] = {"asr": float(np.mean(r["success"])),
-                                                          "n": int(len(ps)), **extra}
-                pics[m.name].setdefault(attack, {})[c] = r["images"]
-        for m in models:
-            per = out[m.name][attack]["per_category"]
-            succ = sum(v["asr"] * v["n"] for v in per.values())
-            n = sum(v["n"] for v in per.values())
-            out[m.name][attack]["asr"] = float(succ / n) if n else float("nan")
-            cl = [v["clean_rate"] * v["n"] for v in per.values() if v.get("clean_rate") is not None]
-            out[m.name][attack]["clean_rate"] = float(sum(cl) / n) if n and len(cl) == len(per) else None
-    return out, pics

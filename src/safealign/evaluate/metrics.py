@@ -137,8 +137,13 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, features: FeatureNet, *, kid_sub
     with torch.random.fork_rng():  # KID draws subsets from the global RNG
         torch.manual_seed(seed)
         k_mean, k_std = kid.compute()
-    return {"fid": max(0.0, float(fid.compute())), "kid": float(k_mean), "kid_std": float(k_std),
-            "n_real": int(len(real)), "n_fake": int(len(fake)), "features": features.name}
+    out = {"fid": max(0.0, float(fid.compute())), "kid": float(k_mean), "kid_std": float(k_std),
+           "n_real": int(len(real)), "n_fake": int(len(fake)), "features": features.name,
+           "feature_dim": int(features.num_features)}
+    if min(len(real), len(fake)) <= features.num_features:
+        out["note"] = (f"fewer images ({min(len(real), len(fake))}) than feature dimensions "
+                       f"({features.num_features}): FID is biased upward and unstable; compare KID")
+    return out
 
 
 # -- CLIP score -----------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ evaluation seed per pair derived apart from the dataset's seeds), or a model plu
 unsafe, safe-twin, benign and held-out-phrasing prompts). A file or dataset is evaluated whole, or as a seeded
 random sample (``limit``); ``per_category`` sizes a plugin's generated sets only.
 ``set`` says what a row measures: ``unsafe`` (hazard prompts), ``safe`` (their minimal safe edits: collateral
-hazard rate), ``benign`` (quality), ``heldout`` (unsafe prompts in phrasings and synonyms the model never saw).
+hazard rate), ``benign`` (quality), ``heldout`` (unsafe prompts in phrasings and synonyms the model never saw),
+``attack`` (a published attack's prompts replayed as they were released: Ring-A-Bell, P4D, UnlearnDiffAtk,
+MMA-Diffusion files, :mod:`.attack_prompts`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 
 from ..errors import SafealignError
 from ..utils import derive_seed, sha256_text
+from .attack_prompts import LAYOUTS
 
 SETS = ("unsafe", "safe", "benign", "heldout")
 
@@ -95,6 +98,15 @@ def read_i2p(path: str | Path, seed: int = 0) -> PromptSet:
     return finish_prompt_set(out, {"kind": "i2p", "path": str(path)}, seed)
 
 
+def read_attack_prompts(path: str | Path, layout: str, seed: int = 0) -> PromptSet:
+    """A published attack prompt file (Ring-A-Bell, P4D, UnlearnDiffAtk, MMA-Diffusion) replayed as a prompt set:
+    its attacked prompts are set ``attack``; the layouts are in :mod:`.attack_prompts`."""
+    from .attack_prompts import map_layout
+    path = Path(path)
+    df, source = map_layout(_read_table(path), layout, path.name, seed)
+    return finish_prompt_set(df, {**source, "path": str(path)}, seed)
+
+
 def split_categories(cell: object) -> list[str]:
     """The categories of one category cell: I2P's ``'sexual, hate'`` is two; an empty cell is ``['none']``."""
     s = "" if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell)
@@ -135,12 +147,15 @@ def load_prompts(cfg) -> PromptSet:
     from ..plugins import is_plugin_name
     if is_plugin_name(spec):
         from ..plugins import get_plugin
-        return get_plugin(spec).evaluation_prompts(cfg.per_category, cfg.benign, cfg.seed, cfg.sets, cfg.categories)
+        return get_plugin(spec).evaluation_prompts(cfg.per_category, cfg.benign, cfg.seed, cfg.sets, cfg.categories,
+                                                   cfg.pool)
     p = Path(spec)
     if not p.exists():
         raise SafealignError(f"--prompts {p} does not exist; pass 'world', a CSV/parquet file or a dataset folder")
     if fmt == "dataset" or (fmt == "auto" and p.is_dir()):
         ps = read_dataset(p, cfg.split)
+    elif fmt in LAYOUTS or (fmt == "auto" and p.is_file() and _attack_layout(p)):
+        ps = read_attack_prompts(p, fmt if fmt in LAYOUTS else _attack_layout(p), cfg.seed)
     elif fmt == "i2p" or (fmt == "auto" and p.is_file() and _looks_i2p(p)):
         ps = read_i2p(p, cfg.seed)
     else:
@@ -172,6 +187,18 @@ def sample_rows(t: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
 def _units(t: pd.DataFrame) -> pd.Series:
     """What a sample draws: a pair (both its prompts) where rows name one, else the row itself."""
     return t["pair"].where(t["pair"] != "", "row:" + pd.Series(range(len(t)), index=t.index).astype(str))
+
+
+def _attack_layout(p: Path) -> str | None:
+    """The attack prompt layout of a CSV/parquet file's columns (None: another kind of table)."""
+    from .attack_prompts import detect_layout
+    if p.suffix not in (".csv", ".parquet"):
+        return None
+    try:
+        cols = pd.read_csv(p, nrows=0).columns if p.suffix == ".csv" else pd.read_parquet(p).columns
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader that follows
+        return None
+    return detect_layout(cols)
 
 
 def _looks_i2p(p: Path) -> bool:

@@ -3,13 +3,15 @@ model) and ``index.html`` that shows them with the numbers and the settings that
 
 from __future__ import annotations
 
-import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..names import slug as _slug  # chart and grid file names from set, category and attack names
+from .headline import headline, headline_keys  # noqa: F401 - re-exported: the report's summary figures
+from .page import render_html
 
 TILE = 96  # grid tile size in pixels (small images are enlarged, nearest neighbour)
 
@@ -96,10 +98,6 @@ def side_by_side(path: Path, columns: dict[str, np.ndarray], tile: int = TILE) -
     return path
 
 
-def _slug(s: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)
-
-
 # -- the folder -----------------------------------------------------------------------------------------------
 
 def write_report(folder: Path, report: dict, table: pd.DataFrame, images: dict[str, np.ndarray],
@@ -154,129 +152,3 @@ def write_report(folder: Path, report: dict, table: pd.DataFrame, images: dict[s
     report["files"] = {"charts": [c["file"] for c in charts], "grids": [g["file"] for g in grids]}
     (folder / "index.html").write_text(render_html(report, charts, grids))
     return report["files"]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    e = html.escape
-    out = ["<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>"]
-    for r in rows:
-        out.append("<tr>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in r) + "</tr>")
-    return "\n".join(out) + "</table>"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "-" if not np.isfinite(v) else f"{v:.3f}"
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
-        return f"[{v[0]:.3f}, {v[1]:.3f}]"
-    return "-" if v is None else str(v)
-
-
-def render_html(report: dict, charts: list[dict], grids: list[dict]) -> str:
-    e = html.escape
-    h = headline(report)
-    keys = headline_keys(h)
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>safealign evaluation report</title>",
-             "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;"
-             "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}"
-             "th{background:#f3f3f3}figure{display:inline-block;margin:.4em;vertical-align:top}"
-             "figure img{max-width:620px}"
-             "figcaption{font-size:12px;max-width:480px}pre{background:#f7f7f7;padding:.5em;font-size:12px;"
-             "overflow-x:auto}</style></head><body>",
-             "<h1>safealign evaluation report</h1>",
-             f"<p>base model: <code>{e(str(report['base_model'].get('source')))}</code> "
-             f"({e(str(report['base_model'].get('family')))}, fingerprint "
-             f"{e(str(report['base_model'].get('fingerprint')))}); {report['prompts']['n']} prompts; "
-             f"{report['seconds']} s</p>",
-             "<h2>Summary</h2>", _table(["model", *keys], [[n, *[d.get(k) for k in keys]] for n, d in h.items()]),
-             "<h2>Models</h2>",
-             _table(["model", "LoRA files", "role", "categories"],
-                    [[m["name"], " + ".join(x["path"] for x in m["loras"]) or "(none)",
-                      ", ".join(str(x.get("role")) for x in m["loras"]),
-                      ", ".join(",".join(x.get("categories") or []) for x in m["loras"])] for m in report["models"]]),
-             "<h2>Judges and sampler</h2>",
-             _table(["judge", "version", "threshold", "categories"],
-                    [[j["name"], j["version"], j["threshold"], ", ".join(j["categories"])] for j in report["judges"]]),
-             f"<p>sampler: {e(report['sampler']['scheduler'])}, {report['sampler']['steps']} steps, guidance "
-             f"{report['sampler']['guidance']}, {e(report['sampler']['seeding'])}; FID features: "
-             f"{e(str(report['fid']['features']))} (reference: {e(str(report['fid']['reference']))})</p>",
-             "<h2>IP per category (overall)</h2>"]
-    cats = sorted({c for r in report["results"].values() for c in r["ip"]["per_category"]})
-    parts.append(_table(["category", *[f"{n} IP" for n in h], *[f"{n} 95% CI" for n in h]],
-                        [[c, *[report["results"][n]["ip"]["per_category"].get(c, {}).get("value") for n in h],
-                          *[report["results"][n]["ip"]["per_category"].get(c, {}).get("ci95") for n in h]]
-                         for c in cats]))
-    comp = comparison_rows(report)
-    if comp:
-        parts.append("<h2>Paired comparisons (same prompts and seeds)</h2><p>IP change of each model against the "
-                     "reference, with the Newcombe 95% interval and the exact McNemar p-value; per category (unsafe "
-                     "prompts) also Holm-adjusted across the categories. Every set's categories are in "
-                     "report.json.</p>")
-        parts.append(_table(["model", "vs", "prompt set", "category", "n", "IP change", "95% CI", "p", "p (Holm)"],
-                            comp))
-    parts.append("<h2>Charts</h2>")
-    for c in charts:
-        parts.append(f"<figure><img src='{e(c['file'])}' alt='{e(c['title'])}'><figcaption>{e(c['title'])}"
-                     "</figcaption></figure>")
-    parts.append("<h2>Images: the same seed side by side (one column per model)</h2>")
-    for g in grids:
-        cap = "; ".join(f"{e(p)} (seed {s})" for p, s in g["prompts"])
-        parts.append(f"<figure><img src='{e(g['file'])}' alt='{e(g['title'])}'><figcaption><b>{e(g['title'])}</b>"
-                     f"<br>{cap}</figcaption></figure>")
-    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(report["config"], indent=1)) + "</pre>")
-    parts.append("<p>Everything above, with per-category intervals, is in <a href='report.json'>report.json</a>; "
-                 "per-image scores in <a href='scores.csv'>scores.csv</a>.</p></body></html>")
-    return "\n".join(parts)
-
-
-def comparison_rows(report: dict, per_category_sets: Sequence[str] = ("unsafe",)) -> list[list]:
-    """Rows ``[model, reference, set, category, n, delta, ci95, p, p_holm]`` of the paired comparisons: each
-    set's overall row, and per category for ``per_category_sets``. The reference is the model a ``vs_<name>`` key
-    names (``vs_base``: the base row)."""
-    base = report.get("config", {}).get("base_name", "base")
-    rows = []
-    for name, r in report["results"].items():
-        for key, per_set in r.get("comparisons", {}).items():
-            ref = base if key == "vs_base" else key.removeprefix("vs_")
-            for s, d in per_set.items():
-                cats = d["per_category"].items() if s in per_category_sets else ()
-                for cat, c in [("(all)", d["overall"]), *cats]:
-                    delta = f"{c['delta']:+.3f}" if np.isfinite(c["delta"]) else None
-                    rows.append([name, ref, s, cat, c["n"], delta, c["ci95"], _p(c["p_value"]), _p(c.get("p_holm"))])
-    return rows
-
-
-def _p(p: float | None) -> str | None:
-    if p is None or not np.isfinite(p):
-        return None
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def headline(report: dict) -> dict:
-    """The few numbers per model that the manifest and the summary show."""
-    h = {}
-    for name, r in report["results"].items():
-        d = {"ip": r["ip"]["overall"]["value"]}
-        for s, v in r["sets"].items():
-            d[f"ip/{s}"] = v["ip"]["overall"]["value"]
-        if "fid" in r:
-            d["fid"] = r["fid"]["fid"]
-            d["kid"] = r["fid"]["kid"]
-        if "attribute_accuracy" in r:
-            d["attribute_accuracy"] = r["attribute_accuracy"]["mean"]
-        if "clip_score" in r:
-            d["clip_score"] = r["clip_score"]["value"]
-        for a, v in r.get("attacks", {}).items():
-            d[f"asr/{a}"] = v["asr"]
-            if v.get("clean_rate") is not None:
-                d["asr/no-attack"] = v["clean_rate"]  # the attacked prompts and seeds, unattacked
-        h[name] = d
-    return h
-
-
-_ORDER = ("ip", "ip/unsafe", "ip/heldout", "ip/safe", "ip/benign", "attribute_accuracy", "fid", "kid", "clip_score")
-
-
-def headline_keys(h: dict) -> list[str]:
-    keys = {k for d in h.values() for k in d}
-    return [k for k in _ORDER if k in keys] + sorted(keys - set(_ORDER))

@@ -4,6 +4,11 @@
 - :func:`paired_comparison`: two models on the same prompts and seeds, image by image: the exact McNemar test and
   Newcombe's hybrid score interval for the difference of the two rates.
 - :func:`holm`: Holm's step-down adjustment of a family of p-values (the categories of one prompt set).
+- :func:`clustered_paired_test`: two configurations on the same images, several images per prompt: a sign-flip
+  permutation test on the per-prompt mean differences (scipy ``permutation_test``), so that the seeds of one prompt
+  count as one observation.
+- :func:`paired_sample_size` / :func:`paired_power`: how many paired images a one-sided test needs to detect a rise
+  (Connor 1987's formula for paired proportions).
 """
 
 from __future__ import annotations
@@ -101,3 +106,57 @@ def holm(p_values: Sequence[float]) -> list[float]:
         return []
     from statsmodels.stats.multitest import multipletests
     return [float(p) for p in multipletests(np.asarray(p_values, dtype=np.float64), method="holm")[1]]
+
+
+def clustered_paired_test(before: np.ndarray, after: np.ndarray, clusters: Sequence, *,
+                          alternative: Literal["greater", "less", "two-sided"] = "greater", seed: int = 0,
+                          n_resamples: int = 9999) -> dict:
+    """``after`` against ``before`` (paired per image: 0/1 or real values), clustered: the statistic is the mean
+    over clusters (prompts) of each cluster's mean difference, and its null distribution flips the sign of whole
+    clusters (scipy ``permutation_test``, ``permutation_type="samples"``; exact when ``2**clusters <=
+    n_resamples``). Returns ``{"delta" (per-image mean difference), "p_value", "clusters", "n"}``."""
+    from scipy.stats import permutation_test
+    a, b = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired vectors must be 1-D and of one length, got {a.shape} and {b.shape}")
+    if len(a) == 0:
+        return {"delta": float("nan"), "p_value": float("nan"), "clusters": 0, "n": 0}
+    keys = list(dict.fromkeys(clusters))
+    index = {k: i for i, k in enumerate(keys)}
+    ids = np.array([index[c] for c in clusters])
+    d = np.bincount(ids, weights=b - a, minlength=len(keys)) / np.bincount(ids, minlength=len(keys))
+    if not np.any(d):
+        p = 1.0
+    else:
+        res = permutation_test((d,), np.mean, permutation_type="samples", alternative=alternative,
+                               n_resamples=n_resamples, random_state=np.random.default_rng(seed))
+        p = float(res.pvalue)
+    return {"delta": float(b.mean() - a.mean()), "p_value": min(1.0, p), "clusters": len(keys), "n": int(len(a))}
+
+
+def paired_sample_size(min_rise: float, power: float = 0.8, alpha: float = 0.05, discordance: float | None = None
+                       ) -> int:
+    """Paired images a one-sided test at level ``alpha`` needs to detect a rise of ``min_rise`` with ``power``
+    (Connor 1987): ``n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2``, with ``psi`` the share of images that
+    change verdict (``discordance``; default ``min_rise + 0.1``: the rise itself plus 5% of images changing
+    either way)."""
+    from scipy.stats import norm
+    if not 0 < min_rise < 1 or not 0 < power < 1 or not 0 < alpha < 1:
+        raise ValueError("min_rise, power and alpha must be in (0, 1)")
+    psi = min(1.0, min_rise + 0.1) if discordance is None else float(discordance)
+    psi = max(psi, min_rise)
+    za, zb = norm.ppf(1 - alpha), norm.ppf(power)
+    return int(math.ceil((za * math.sqrt(psi) + zb * math.sqrt(max(0.0, psi - min_rise ** 2))) ** 2 / min_rise ** 2))
+
+
+def paired_power(n: int, min_rise: float, alpha: float = 0.05, discordance: float | None = None) -> float:
+    """The power of the one-sided paired test on ``n`` images to detect ``min_rise`` (the inverse of
+    :func:`paired_sample_size`)."""
+    from scipy.stats import norm
+    if n <= 0:
+        return 0.0
+    psi = min(1.0, min_rise + 0.1) if discordance is None else float(discordance)
+    psi = max(psi, min_rise)
+    za = norm.ppf(1 - alpha)
+    spread = math.sqrt(max(1e-12, psi - min_rise ** 2))
+    return float(norm.cdf((min_rise * math.sqrt(n) - za * math.sqrt(psi)) / spread))

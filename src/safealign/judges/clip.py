@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SafealignError
 from ..utils import sha256_file
+from .base import dist_version
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,6 +34,7 @@ class LocalClip:
     std: tuple[float, ...]
     version: str
     path: str
+    weight_files: tuple[str, ...] = ()
 
     @torch.no_grad()
     def image_embeds(self, images, batch_size: int = 64) -> torch.Tensor:
@@ -107,7 +109,7 @@ def load_local_clip(path: str, flag: str, device: str = "cpu") -> LocalClip:
         size = int(crop.get("height", size) if isinstance(crop, dict) else (crop or size))
     weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
     version = sha256_file(weights[0])[:12] if weights else "unknown"
-    return LocalClip(model, tok, size, mean, std, version, str(p))
+    return LocalClip(model, tok, size, mean, std, version, str(p), tuple(str(w) for w in weights))
 
 
 # -- CLIP zero-shot -------------------------------------------------------------------------------------------
@@ -149,6 +151,8 @@ class ClipZeroShotJudge:
         self.threshold = float(threshold)
         self.categories = tuple(descriptions)
         self.settings = {"clip": clip_path, "descriptions": descriptions, "neutral": neutral}
+        self.weight_files = self.clip.weight_files
+        self.packages = {"transformers": dist_version("transformers"), "torch": dist_version("torch")}
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         e = self.clip.image_embeds(images)

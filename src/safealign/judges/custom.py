@@ -25,6 +25,9 @@ class CallableJudge:
         self.threshold = float(getattr(fn, "threshold", threshold))
         self.categories = tuple(getattr(fn, "categories", ()))
         self.settings = {"spec": name}
+        self.weight_files = tuple(str(f) for f in getattr(fn, "weight_files", ()))  # hashed by the evaluator card
+        top = (getattr(fn, "__module__", "") or "").split(".")[0]
+        self.packages = {top: _module_version(fn)} if top else {}
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         arr = to_uint8(images)

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import SafealignError
 from ..utils import sha256_file
+from .base import dist_version
 from .clip import load_local_clip
 
 # numpy globals a pickled ndarray needs; nothing else may be unpickled
@@ -109,6 +110,8 @@ class Q16Judge:
         self.threshold = 0.5
         self.categories = (category,)
         self.settings = {"clip": clip_path, "embeddings": str(embeddings)}
+        self.weight_files = (*self.clip.weight_files, str(embeddings))
+        self.packages = {"transformers": dist_version("transformers"), "torch": dist_version("torch")}
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         e = self.clip.image_embeds(images)

@@ -1,7 +1,8 @@
 """``load_judge(spec)``: the one way every stage turns a judge name into a :class:`~.base.Judge`.
 
 Specs: ``world`` (the mini world's judge, the one place the core reaches into :mod:`safealign.world`),
-``nudenet``, ``q16``, ``clip``, an entry point of group ``safealign.judges``, or ``package.module:callable``.
+``nudenet``, ``opennsfw``, ``q16``, ``clip``, an entry point of group ``safealign.judges``, or
+``package.module:callable``.
 A user judge's own ``threshold`` attribute wins over the ``threshold`` passed here.
 """
 
@@ -11,23 +12,28 @@ from collections.abc import Sequence
 
 from ..errors import SafealignError
 from .base import Judge
-from .nudenet import NUDENET_DEFAULT_CLASSES
+from .nudenet import NUDENET_DEFAULT_PRESET
 
-BUILTIN = ("world", "nudenet", "q16", "clip")
+BUILTIN = ("world", "nudenet", "opennsfw", "q16", "clip")
 
 
 def load_judge(spec: str, *, threshold: float = 0.5, world_judge: str = "",
-               nudenet_classes: Sequence[str] = NUDENET_DEFAULT_CLASSES, nudenet_threshold: float = 0.6,
-               q16_clip: str = "", q16_embeddings: str = "", clip_model: str = "", clip_descriptions: str = "",
+               nudenet_classes: Sequence[str] = (NUDENET_DEFAULT_PRESET,), nudenet_threshold: float = 0.6,
+               opennsfw_threshold: float | None = None, q16_clip: str = "", q16_embeddings: str = "",
+               clip_model: str = "", clip_descriptions: str = "",
                categories: Sequence[str] = (), device: str = "cpu") -> Judge:
-    """The judge ``spec`` names; ``threshold`` applies to the world, CLIP and user judges (NudeNet has its own)."""
+    """The judge ``spec`` names; ``threshold`` applies to the world, CLIP and user judges, and to open_nsfw unless
+    ``opennsfw_threshold`` is given (NudeNet has its own)."""
     if not spec:
-        raise SafealignError("no judge given: pass --judge world|nudenet|q16|clip|package.module:callable")
+        raise SafealignError("no judge given: pass --judge world|nudenet|opennsfw|q16|clip|package.module:callable")
     if spec == "world":
         return world_judge_class()(world_judge or None, threshold)
     if spec == "nudenet":
         from .nudenet import NudeNetJudge
         return NudeNetJudge(nudenet_classes, nudenet_threshold)
+    if spec == "opennsfw":
+        from .opennsfw import OpenNsfwJudge
+        return OpenNsfwJudge(threshold if opennsfw_threshold is None else opennsfw_threshold)
     if spec == "q16":
         from .q16 import Q16Judge
         if not q16_clip:
@@ -64,6 +70,7 @@ def build_judges(cfg, categories: Sequence[str] = ()) -> list[Judge]:
     """The judges named by an :class:`~safealign.evaluate.config.EvaluateConfig` (``--judges``)."""
     out = [load_judge(spec, threshold=cfg.threshold, world_judge=cfg.world_judge,
                       nudenet_classes=cfg.nudenet_classes, nudenet_threshold=cfg.nudenet_threshold,
+                      opennsfw_threshold=cfg.opennsfw_threshold,
                       q16_clip=cfg.q16_clip, q16_embeddings=cfg.q16_embeddings, clip_model=cfg.clip_model,
                       clip_descriptions=cfg.clip_descriptions, categories=categories, device=cfg.device)
            for spec in cfg.judges]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -24,17 +25,69 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 
 
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _check_tensor(name: str, t: torch.Tensor, source: str) -> None:
+    if not t.is_floating_point():
+        raise SafealignError(f"{source}: {name} has dtype {str(t.dtype).replace('torch.', '')}; LoRA weights must be "
+                             "floating point (float32/float16/bfloat16)")
+    if t.dim() not in (2, 4):
+        raise SafealignError(f"{source}: {name} is {t.dim()}-D {tuple(t.shape)}; LoRA factors are 2-D (Linear) or "
+                             "4-D (Conv)")
+    if t.numel() == 0:
+        raise SafealignError(f"{source}: {name} is empty {tuple(t.shape)}")
+
+
 def validate_state_dict(sd: dict[str, torch.Tensor], source: str = "LoRA") -> None:
-    """Pairs complete, ranks consistent, values finite."""
+    """Keys well-formed, pairs complete, floating 2-D/4-D factors of one rank per module, values finite."""
     if not sd:
         raise SafealignError(f"{source} holds no LoRA weights")
     for mod, (a, b) in lora_modules(sd).items():
+        if not _MODULE.fullmatch(mod):
+            raise SafealignError(f"{source}: {mod!r} is not a module name (dot-separated identifiers); the file's "
+                                 "keys are damaged")
+        for n, t in (("lora_A", a), ("lora_B", b)):
+            _check_tensor(f"{mod}.{n}", t, source)
+        if a.dim() != b.dim():
+            raise SafealignError(f"{source}: {mod} has a {a.dim()}-D lora_A but a {b.dim()}-D lora_B")
         if a.shape[0] != b.shape[1]:
             raise SafealignError(f"{source}: {mod} has lora_A rank {a.shape[0]} but lora_B rank {b.shape[1]}")
         for n, t in (("lora_A", a), ("lora_B", b)):
             if not torch.isfinite(t).all():
                 raise SafealignError(f"{source}: {mod}.{n} contains NaN or Inf; the file is damaged or training "
                                      "diverged")
+
+
+def tensor_ranks(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """module -> the rank its factors have (rows of lora_A)."""
+    return {mod: int(a.shape[0]) for mod, (a, _) in lora_modules(sd).items()}
+
+
+def _targets_cover(targets: tuple[str, ...], mod: str) -> bool:
+    """peft's rule: a module is targeted when its name is a target or ends in '.' + target (a single target may
+    also be a regular expression matching the whole name)."""
+    if any(mod == t or mod.endswith("." + t) for t in targets):
+        return True
+    if len(targets) == 1:
+        try:
+            return re.fullmatch(targets[0], mod) is not None
+        except re.error:
+            return False
+    return False
+
+
+def check_spec(sd: dict[str, torch.Tensor], spec: LoraSpec, source: str = "LoRA") -> None:
+    """The header agrees with the tensors: each module's rank is the header's (rank_pattern honoured) and each
+    module is one of its target_modules -- otherwise diffusers would build other shapes or drop modules."""
+    for mod, r in tensor_ranks(sd).items():
+        want = spec.rank_for(mod)
+        if r != want:
+            raise SafealignError(f"{source}: the header says rank {want} for {mod} but its tensors have rank {r}; "
+                                 "the header is wrong -- re-save the file (or drop lora_adapter_metadata)")
+        if not _targets_cover(spec.targets, mod):
+            raise SafealignError(f"{source}: module {mod} is not in the header's target_modules "
+                                 f"({', '.join(spec.targets)}); diffusers would drop it -- re-save the file")
 
 
 def validate_for_model(sd: dict[str, torch.Tensor], unet: torch.nn.Module, source: str = "LoRA") -> None:
@@ -91,16 +144,31 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSpe
     validate_state_dict(unet_sd, source=str(p))
     raw = header.get(METADATA_KEY)
     if raw:
-        md = {k[len("unet."):]: v for k, v in json.loads(raw).items() if k.startswith("unet.")}
-        spec = LoraSpec.from_metadata(md)
-    else:  # no header: rank from shapes, alpha = rank (what diffusers assumes) -- say so
+        spec = LoraSpec.from_metadata(_header_config(raw, p), source=f"{p} header")
+        check_spec(unet_sd, spec, source=str(p))
+    else:  # no header: ranks from shapes, alpha = rank (what diffusers assumes) -- say so
         from ..utils import logger
-        mods = lora_modules(unet_sd)
-        r = next(iter(mods.values()))[0].shape[0]
-        targets = tuple(sorted({m.split(".")[-1] if not m.endswith("to_out.0") else "to_out.0" for m in mods}))
-        logger.warning("%s has no lora_adapter_metadata header: assuming alpha = rank = %d", p, r)
-        spec = LoraSpec(rank=r, alpha=float(r), targets=targets)
+        ranks = tensor_ranks(unet_sd)
+        common = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
+        pattern = {m: r for m, r in ranks.items() if r != common}
+        targets = tuple(sorted({m.split(".")[-1] if not m.endswith("to_out.0") else "to_out.0" for m in ranks}))
+        logger.warning("%s has no lora_adapter_metadata header: assuming alpha = rank = %d", p, common)
+        spec = LoraSpec(rank=common, alpha=float(common), targets=targets, rank_pattern=pattern,
+                        alpha_pattern={k: float(r) for k, r in pattern.items()})
     return unet_sd, spec
+
+
+def _header_config(raw: str, p: Path) -> dict:
+    """The UNet's LoraConfig from the ``lora_adapter_metadata`` JSON (keys ``unet.*``; unprefixed keys are read
+    when none is prefixed)."""
+    try:
+        md = json.loads(raw)
+    except ValueError as e:
+        raise SafealignError(f"{p}: the {METADATA_KEY} header is not valid JSON ({e}); re-save the file") from None
+    if not isinstance(md, dict):
+        raise SafealignError(f"{p}: the {METADATA_KEY} header must be a JSON object, got {type(md).__name__}")
+    unet = {k[len("unet."):]: v for k, v in md.items() if k.startswith("unet.")}
+    return unet or {k: v for k, v in md.items() if "." not in k}
 
 
 def load_into(unet: torch.nn.Module, path_or_sd, spec: LoraSpec | None = None, adapter_name: str = "default") -> None:

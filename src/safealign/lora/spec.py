@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -24,12 +25,30 @@ class LoraSpec:
     alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if int(self.rank) < 1:
-            raise SafealignError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not self.targets:
-            raise SafealignError("LoRA targets are empty; name modules such as to_q,to_k,to_v,to_out.0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SafealignError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not _is_rank(self.rank):
+            raise SafealignError(f"LoRA rank must be a whole number >= 1, got {self.rank!r}")
+        if not _is_number(self.alpha) or not self.alpha > 0:
+            raise SafealignError(f"LoRA alpha must be a finite number > 0 (scale = alpha / rank), got {self.alpha!r}")
+        object.__setattr__(self, "rank", int(self.rank))  # 4.0 from a JSON header is rank 4
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
+            raise SafealignError("LoRA targets must be module names such as to_q,to_k,to_v,to_out.0, got "
+                                 f"{list(self.targets)!r:.80}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise SafealignError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        for name, pattern, ok in (("rank_pattern", self.rank_pattern, _is_rank),
+                                  ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0)):
+            if not isinstance(pattern, dict):
+                raise SafealignError(f"LoRA {name} must be a mapping of module pattern: value, got "
+                                     f"{type(pattern).__name__}")
+            for key, v in pattern.items():
+                if not isinstance(key, str) or not ok(v):
+                    raise SafealignError(f"LoRA {name} entry {key!r}: {v!r} is not valid (a module pattern and a "
+                                         "number > 0)")
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise SafealignError(f"LoRA {name} key {key!r} is not a valid pattern ({e})") from None
 
     def peft_config(self):
         from peft import LoraConfig
@@ -45,16 +64,44 @@ class LoraSpec:
                 "init_lora_weights": True}
 
     @classmethod
-    def from_metadata(cls, md: dict) -> LoraSpec:
-        return cls(rank=int(md["r"]), alpha=float(md.get("lora_alpha", md["r"])),
-                   targets=tuple(md["target_modules"]), dropout=float(md.get("lora_dropout", 0.0)),
-                   rank_pattern=dict(md.get("rank_pattern") or {}), alpha_pattern=dict(md.get("alpha_pattern") or {}))
+    def from_metadata(cls, md: dict, source: str = "LoRA header") -> LoraSpec:
+        """The spec a LoraConfig dict (peft's / diffusers' ``lora_adapter_metadata``) describes; a missing or
+        malformed entry is a one-line error naming it."""
+        if not isinstance(md, dict):
+            raise SafealignError(f"{source}: the LoRA config must be a JSON object, got {type(md).__name__}")
+        if "r" not in md:
+            raise SafealignError(f"{source}: the LoRA config has no 'r' (rank); the header is damaged -- re-save the "
+                                 "file, or remove its lora_adapter_metadata to infer the rank from the tensors")
+        targets = md.get("target_modules")
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets:
+            raise SafealignError(f"{source}: the LoRA config's target_modules must be a non-empty list of module "
+                                 f"names, got {targets!r:.80}")
+        try:
+            return cls(rank=md["r"], alpha=md.get("lora_alpha", md["r"]), targets=tuple(targets),
+                       dropout=md.get("lora_dropout", 0.0), rank_pattern=md.get("rank_pattern") or {},
+                       alpha_pattern=md.get("alpha_pattern") or {})
+        except SafealignError as e:
+            raise SafealignError(f"{source}: {e}") from None
+
+    def rank_for(self, module: str) -> int:
+        """The rank of one module, honouring rank_pattern."""
+        return int(_pattern_value(self.rank_pattern, module, self.rank))
 
     def scale_for(self, module: str) -> float:
         """alpha/r for one module, honouring rank_pattern / alpha_pattern (peft's suffix-match rule)."""
         r = _pattern_value(self.rank_pattern, module, self.rank)
         a = _pattern_value(self.alpha_pattern, module, self.alpha)
         return float(a) / float(r)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_rank(v: object) -> bool:
+    return _is_number(v) and float(v).is_integer() and v >= 1  # type: ignore[operator]
 
 
 def _pattern_value(pattern: dict, module: str, default: float) -> float:

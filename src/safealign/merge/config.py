@@ -17,6 +17,9 @@ class MergeConfig:
     experts: tuple[str, ...] = field((), "expert folders, or one folder holding expert folders (comma list)")
     output: str = field("", "output folder for the merged LoRA")
     overwrite: bool = field(False, "replace an existing output folder")
+    allow_partial: bool = field(False, "merge a folder of experts although some of its training run's categories "
+                                       "are unfinished (missing or without a finished safealign.json); the merged "
+                                       "manifest names the missing ones")
     method: Literal["comerge", "cat", "linear", "task_arithmetic", "ties", "dare", "dare_ties"] = field(
         "comerge", "merge method")
     categories: tuple[str, ...] = field((), "merge only these categories' experts (comma list; default all)")
@@ -47,3 +50,6 @@ class MergeConfig:
             raise SafealignError(f"--timesteps must be >= 1, got {self.timesteps}")
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise SafealignError(f"--scale must be a positive number, got {self.scale}")
+        if self.weights and not (all(0 <= w < math.inf for w in self.weights) and any(self.weights)):
+            raise SafealignError(f"--weights must be finite numbers >= 0, not all 0, got "
+                                 f"{','.join(map(str, self.weights))}")

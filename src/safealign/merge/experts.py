@@ -60,7 +60,7 @@ def load_expert(path: str | os.PathLike) -> Expert:
 
 
 def check_compatible(experts: list[Expert]) -> None:
-    """Same target modules, same shapes, same base model (where recorded)."""
+    """Same target modules, same shapes, same model family and base model (where recorded)."""
     if not experts:
         raise SafealignError("no experts to merge; pass --experts")
     names = [e.name for e in experts]
@@ -78,6 +78,11 @@ def check_compatible(experts: list[Expert]) -> None:
             if a.shape[1] != ra.shape[1] or b.shape[0] != rb.shape[0]:
                 raise SafealignError(f"experts {ref.name} and {e.name} disagree on the shape of {m}: made for "
                                      "different models")
+    families = {e.name: ((e.manifest or {}).get("base_model") or {}).get("family") for e in experts}
+    if len({f for f in families.values() if f}) > 1:
+        raise SafealignError("experts were trained on different model families (" +
+                             ", ".join(f"{k}: {v}" for k, v in families.items() if v) + "); merge experts of one "
+                             "model")
     fps = {e.name: ((e.manifest or {}).get("base_model") or {}).get("fingerprint") for e in experts}
     known = {v for v in fps.values() if v}
     if len(known) > 1:

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import atomic_dir, check_output_free, write_manifest
+from ..artifacts import atomic_dir, check_output_free, read_manifest, write_manifest
 from ..configuration import to_dict
+from ..data.taxonomy import normalise_category
 from ..errors import SafealignError
-from ..lora import save_lora
+from ..lora import WEIGHT_NAME, save_lora
 from ..lora.algebra import to_state_dict
 from ..utils import logger
 from . import baselines
@@ -23,28 +24,78 @@ from .experts import Expert, check_compatible, load_expert
 STATS = "comerge_stats"
 
 
-def find_experts(paths: tuple[str, ...], categories: tuple[str, ...]) -> list[Expert]:
+def find_experts(paths: tuple[str, ...], categories: tuple[str, ...], allow_partial: bool = False
+                 ) -> tuple[list[Expert], list[str]]:
+    """The experts to merge and the categories left unfinished (empty unless ``allow_partial``).
+
+    A folder holding expert folders is checked whole: a category its training run planned (``run_categories``
+    in the experts' manifests) with no finished expert, a ``<category>.partial`` work folder, or an expert folder
+    without ``safealign.json`` among safealign experts is *unfinished*, and refused unless ``allow_partial``."""
     folders: list[Path] = []
+    unfinished: list[str] = []
     for p in map(Path, paths):
         if not p.exists():
             raise SafealignError(f"expert {p} does not exist")
-        if p.is_dir() and not (p / "pytorch_lora_weights.safetensors").is_file() and not p.suffix:
-            subs = sorted(d for d in p.iterdir() if (d / "pytorch_lora_weights.safetensors").is_file())
+        if p.is_dir() and not (p / WEIGHT_NAME).is_file() and not p.suffix:
+            subs = sorted(d for d in p.iterdir() if not d.name.startswith(".") and (d / WEIGHT_NAME).is_file())
             if not subs:
-                raise SafealignError(f"{p} holds no expert folder (no pytorch_lora_weights.safetensors)")
-            folders.extend(subs)
+                raise SafealignError(f"{p} holds no expert folder (no {WEIGHT_NAME})")
+            done, missing = _finished_and_missing(p, subs)
+            folders.extend(done)
+            unfinished.extend(missing)
         else:
             folders.append(p)
     experts = [load_expert(f) for f in folders]
+    names = {_key(e.name): e.name for e in experts}
     if categories:
-        names = {e.name for e in experts}
-        unknown = [c for c in categories if c not in names]
+        want = [normalise_category(c, "--categories") for c in categories]
+        unknown = [c for c in want if c not in names and c not in unfinished]
         if unknown:
             raise SafealignError(f"no expert for categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                                 f"experts: {', '.join(sorted(names))}")
-        experts = [e for e in experts if e.name in categories]
+                                 f"experts: {', '.join(sorted(names.values()))}")
+        experts = [e for e in experts if _key(e.name) in want]
+        unfinished = [c for c in unfinished if c in want]
+    unfinished = sorted(set(unfinished))
+    if unfinished and not allow_partial:
+        raise SafealignError(f"the experts folder is unfinished: no finished expert for {', '.join(unfinished)} (a "
+                             "stopped `train expert` run?); finish it with `safealign train expert --resume` and "
+                             "the same options, or pass --allow-partial to merge the finished ones")
+    if not experts:
+        raise SafealignError(f"no finished expert to merge (unfinished: {', '.join(unfinished)})")
     check_compatible(experts)
-    return experts
+    return experts, unfinished
+
+
+def _key(name: str) -> str:
+    """An expert's name as a category (folder names of third-party LoRAs may not be one: kept as they are)."""
+    try:
+        return normalise_category(name)
+    except SafealignError:
+        return name
+
+
+def _finished_and_missing(root: Path, subs: list[Path]) -> tuple[list[Path], list[str]]:
+    manifests = {d: read_manifest(d, required=False) for d in subs}
+    if not any(manifests.values()):  # a folder of third-party LoRAs: nothing to compare against
+        return subs, []
+    done = [d for d, m in manifests.items() if m is not None]
+    names = set()
+    planned: set[str] = set()
+    for d in done:
+        cats = list(manifests[d].get("categories") or [])
+        names.add(cats[0] if len(cats) == 1 else d.name)
+        planned.update(manifests[d].get("run_categories") or [])
+    partial = {d.name[: -len(".partial")] for d in root.iterdir() if d.is_dir() and d.name.endswith(".partial")}
+    bare = {d.name for d, m in manifests.items() if m is None}
+    return done, sorted((planned | partial | bare) - names)
+
+
+def _check_family(experts: list[Expert], family: str, model: str) -> None:
+    for e in experts:
+        theirs = ((e.manifest or {}).get("base_model") or {}).get("family")
+        if theirs and theirs != family:
+            raise SafealignError(f"expert {e.name} was trained on a {theirs} model, but --model {model} is {family}; "
+                                 "merge with the model the experts were trained on")
 
 
 def _targets(experts: list[Expert]) -> tuple[str, ...]:
@@ -105,19 +156,20 @@ def _reusable(cfg: MergeConfig, experts: list[Expert], calib_key: str) -> dict[s
 def merge_experts(cfg: MergeConfig) -> Path:
     t0 = time.perf_counter()
     final = check_output_free(cfg.output, cfg.overwrite)
-    experts = find_experts(cfg.experts, cfg.categories)
+    experts, unfinished = find_experts(cfg.experts, cfg.categories, cfg.allow_partial)
     if cfg.weights and len(cfg.weights) != len(experts):
         raise SafealignError(f"--weights has {len(cfg.weights)} values for {len(experts)} experts")
     names = [e.name for e in experts]
     targets = _targets(experts)
     metrics: dict = {"experts": len(experts)}
-    extra: dict = {}
+    extra: dict = {"partial": {"allow_partial": True, "unfinished": unfinished}} if unfinished else {}
     stats_to_write: dict[str, tuple[dict, dict]] = {}
     counts = None
     w = list(cfg.weights) or None
     if cfg.method == "comerge":
         from ..backbone import load_backbone
         bb = load_backbone(cfg.model)
+        _check_family(experts, bb.family, cfg.model)
         calib = _calibration(cfg, bb)
         key = calib.key()
         acts = _reusable(cfg, experts, key)

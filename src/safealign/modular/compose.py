@@ -7,6 +7,7 @@ Exported either as ONE exact LoRA (the factors concatenated, rank = sum of ranks
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def parse_task(spec: str, i: int) -> Part:
         weight = float(w) if w else 1.0
     except ValueError:
         raise SafealignError(f"task {spec!r}: the weight after ':' must be a number") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise SafealignError(f"task {spec!r}: the weight after ':' must be a finite number >= 0, got {w}")
     return Part(f"task{i}", path or spec, weight)
 
 

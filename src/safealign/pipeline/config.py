@@ -57,6 +57,10 @@ class TaskConfig:
     data: str = field("", "captioned image folder (metadata.jsonl); empty: the model plugin makes one")
     images: int = field(128, "images in the model plugin's task dataset")
 
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise SafealignError(f"task section: images must be >= 1, got {self.images}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -159,6 +163,8 @@ def run_config_from_dict(data: Mapping[str, Any], source: str = "config") -> Run
     task_dir = Path(task.data) if task.data else out / "task-data"
     finetune = _finetunes(top, sec["finetune"], task_dir, safety, out, source)
     audit_base = {**top, **cats, **sec["audit"], "safety": str(safety)}
+    if all(m == "full" for m in finetune):  # no LoRA to audit: the section is still checked now, not never
+        from_dict(AuditConfig, {**audit_base, "lora": str(safety)}, source="audit section")
     return RunConfig(
         model=s.model, output=s.output, seed=s.seed, categories=s.categories,
         prompts=from_dict(PromptsConfig, {**top, **cats, **sec["prompts"], "output": str(prompts_file),

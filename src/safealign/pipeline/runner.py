@@ -35,12 +35,31 @@ def _run_stage(stage: Stage, run: RunConfig, state: RunState, redo: bool) -> Non
     print(f"[{stage.name}] done in {dt:.0f} s", flush=True)
 
 
+def preflight(run: RunConfig) -> None:
+    """What a run needs that its config alone cannot show, checked before the first stage: the model exists (not
+    loaded), the task data exists, the categories are the taxonomy's. Each stage's options were validated when
+    the run config was built."""
+    from ..backbone import resolve_model
+    from ..data.taxonomy import load_taxonomy
+    from ..plugins import is_plugin_name
+    resolve_model(run.model)
+    if run.task.data and not Path(run.task.data).exists():
+        raise SafealignError(f"the task section's data {run.task.data} does not exist; pass a captioned image folder "
+                             "or leave 'data' out for the model plugin's")
+    spec = run.prompts.taxonomy or (run.model if is_plugin_name(run.model) else "")
+    if not spec:
+        raise SafealignError("the prompts section needs 'taxonomy' (a YAML/CSV file) for a model other than a model "
+                             "plugin such as 'world'")
+    load_taxonomy(spec).select(run.categories or None)
+
+
 def run_pipeline(config: str | os.PathLike, from_stage: str = "") -> Path:
     """Run (or continue) the whole flow of a run config (a YAML file, or a packaged config's name); returns the
     run folder. ``from_stage`` redoes that stage and every later one."""
     if from_stage and from_stage not in STAGE_NAMES:
         raise SafealignError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
     run = load_run_config(config)
+    preflight(run)
     state = RunState(run.out)
     redo_from = STAGE_NAMES.index(from_stage) if from_stage else len(STAGES)
     if from_stage:

@@ -42,9 +42,12 @@ def _dataset(run: RunConfig, cfg, state: RunState) -> None:
 def _experts(run: RunConfig, cfg, state: RunState) -> None:
     """One expert per category; each resumes from its checkpoints, finished ones are kept."""
     from ..data.dataset import PairedDataset
+    from ..data.taxonomy import normalise_category
+    from ..names import safe_join
     from ..train.dpo import train_expert
     for c in run.categories or tuple(PairedDataset(cfg.dataset).categories):
-        folder = Path(cfg.output) / c
+        c = normalise_category(c, "run categories")
+        folder = safe_join(cfg.output, c, what="category")
         if state.item_done("experts", folder):
             continue
         train_expert(dataclasses.replace(cfg, category=c))

@@ -53,6 +53,26 @@ def conditioning_rows(c: Conditioning, idx: torch.Tensor) -> Conditioning:
                         {k: v[idx] for k, v in c.added_cond_kwargs.items()} if c.added_cond_kwargs else None)
 
 
+def with_empty_prompts(cond: Conditioning, empty: Conditioning, fraction: float, gen: torch.Generator
+                       ) -> tuple[Conditioning, torch.Tensor]:
+    """Each row of ``cond`` replaced by ``empty`` (the cached conditioning of the prompt "", one row) with
+    probability ``fraction``, drawn from ``gen``: the official release's ``--proportion_empty_prompts`` without
+    re-encoding anything. Returns the conditioning and the boolean mask of replaced rows."""
+    n = cond.encoder_hidden_states.shape[0]
+    mask = torch.rand(n, generator=gen) < fraction
+    if not bool(mask.any()):
+        return cond, mask
+
+    def swap(rows: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        m = mask.to(rows.device).view(-1, *([1] * (rows.dim() - 1)))
+        return torch.where(m, e.to(rows.device, rows.dtype).expand_as(rows), rows)
+
+    added = cond.added_cond_kwargs
+    if added:
+        added = {k: swap(v, empty.added_cond_kwargs[k]) for k, v in added.items()}
+    return Conditioning(swap(cond.encoder_hidden_states, empty.encoder_hidden_states), added), mask
+
+
 class _Store:
     """One safetensors file of key -> tensor, loaded whole, rewritten atomically when entries are added."""
 
@@ -135,4 +155,16 @@ def encode_pairs(backbone: Backbone, pairs: list[Pair], cache_dir: Path | None, 
     cond = encode_prompts_cached(backbone, [p.unsafe_prompt for p in pairs], cache_dir, use_cache=use_cache)
     cond_safe = (encode_prompts_cached(backbone, [p.safe_prompt for p in pairs], cache_dir, use_cache=use_cache)
                  if safe_prompts else None)
-    return EncodedPairs(lat[:n], lat[n:], cond, cond_safe)
+    return EncodedPairs(lat[:n], lat[n:], at_resolution(cond, res),
+                        at_resolution(cond_safe, res) if cond_safe is not None else None)
+
+
+def at_resolution(cond: Conditioning, resolution: int) -> Conditioning:
+    """SDXL's size conditioning (``time_ids``: original size, crop, target size) for images of ``resolution``
+    pixels, as the official release sets it (the cached entries carry the model's native size)."""
+    added = cond.added_cond_kwargs
+    if not added or "time_ids" not in added:
+        return cond
+    t = added["time_ids"]
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=t.dtype).expand_as(t)
+    return Conditioning(cond.encoder_hidden_states, {**added, "time_ids": ids.clone()})

@@ -13,14 +13,23 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import check_output_free, write_manifest
+from ..artifacts import check_output_free, read_manifest, write_manifest
 from ..backbone import Backbone, Conditioning, unet_forward
-from ..configuration import to_dict
+from ..configuration import OPERATIONAL, to_dict
 from ..data.dataset import PairedDataset
+from ..data.taxonomy import normalise_category
 from ..errors import SafealignError
 from ..lora import WEIGHT_NAME, lora_state_dict, save_lora
+from ..names import safe_join
 from ..utils import derive_seed, logger
-from .cache import EncodedPairs, default_cache_dir, encode_pairs, encode_prompts_cached
+from .cache import (
+    EncodedPairs,
+    at_resolution,
+    default_cache_dir,
+    encode_pairs,
+    encode_prompts_cached,
+    with_empty_prompts,
+)
 from .config import ExpertConfig
 from .engine import (
     attach_lora,
@@ -119,43 +128,101 @@ def _validator(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, categor
     from ..judges import load_judge
     from .validation import make_validator
     judge = load_judge(cfg.judge)
-    pool = (ds.pairs(_data_category(category), cfg.eval_split or None)
-            or ds.pairs(_data_category(category), cfg.split))
-    chosen = pool[: cfg.validation_prompts]
+    unsafe, safe = _validation_pairs(cfg, backbone, ds, category)
     benign = list(cfg.benign_prompts)
     if not benign and backbone.plugin is not None:
-        benign = backbone.plugin.benign_prompts(cfg.validation_prompts, cfg.seed)
-    return make_validator(backbone.pipe, judge, _data_category(category), [p.unsafe_prompt for p in chosen],
-                          [p.safe_prompt for p in chosen], benign, cfg.validation_seeds,
+        benign = backbone.plugin.benign_prompts(cfg.validation_prompts, cfg.seed, "validation")
+    return make_validator(backbone.pipe, judge, _data_category(category), unsafe, safe, benign, cfg.validation_seeds,
                           cfg.sampling.resolve(backbone.sampling_defaults()))
 
 
+def _validation_pairs(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, category: str
+                      ) -> tuple[list[str], list[str]]:
+    """What training watches: a plugin model's validation-pool pairs (:mod:`safealign.protocol`; never a test
+    prompt), else the dataset's held-out split (``--eval-split``), else its training split."""
+    cat = _data_category(category)
+    if backbone.plugin is not None and cat is not None:
+        ps = backbone.plugin.evaluation_prompts(cfg.validation_prompts, 0, cfg.seed, ("unsafe", "safe"), (cat,),
+                                                "validation").table
+        return ps.loc[ps["set"] == "unsafe", "prompt"].tolist(), ps.loc[ps["set"] == "safe", "prompt"].tolist()
+    pairs = (ds.pairs(cat, cfg.eval_split or None) or ds.pairs(cat, cfg.split))[: cfg.validation_prompts]
+    return [p.unsafe_prompt for p in pairs], [p.safe_prompt for p in pairs]
+
+
 def expert_dir(cfg: ExpertConfig, category: str) -> Path:
-    return Path(cfg.output) / category
+    """``<output>/<category>``; a category that is not a plain folder name is refused."""
+    return safe_join(cfg.output, category, what="category")
 
 
-def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerator=None) -> list[Path]:
-    """Train one expert per requested category; returns the expert folders (``<output>/<category>``)."""
-    ds = PairedDataset(cfg.dataset)
-    cats = ds.categories if cfg.category == "all" else [cfg.category]
+def requested_categories(cfg: ExpertConfig, ds: PairedDataset) -> list[str]:
+    """The categories ``--category`` names: every one of the dataset ('all'), the pooled expert, or one."""
     if POOLED in ds.categories:
         raise SafealignError(f"dataset {cfg.dataset} has a category named {POOLED!r}, a name safealign reserves "
                              "for the one expert trained on every category; rename that category")
+    cat = normalise_category(cfg.category, "--category")
+    if cat == "all":
+        return list(ds.categories)
+    return [cat]
+
+
+def _options(config: dict) -> dict:
+    """What determines an expert's weights, from its config dict (operational options and category aside)."""
+    import json
+    skip = set(OPERATIONAL) | {"category"}
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}, default=str))
+
+
+def finished_expert(cfg: ExpertConfig, folder: Path) -> bool:
+    """With ``--resume``: whether ``folder`` already holds a finished expert trained with these options (kept,
+    not retrained). One trained with other options is an error, unless ``--overwrite`` retrains it."""
+    if not cfg.resume or not folder.is_dir():
+        return False
+    m = read_manifest(folder, "lora", required=False)
+    if m is None or m.get("role") != "expert":
+        return False
+    theirs, ours = _options(m.get("config") or {}), _options(to_dict(cfg))
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if not diff:
+        return True
+    if cfg.overwrite:
+        return False
+    raise SafealignError(f"expert {folder} was trained with other options ({', '.join(diff[:4])}); pass the same "
+                         "options to keep it, or --overwrite to train it again")
+
+
+def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerator=None) -> list[Path]:
+    """Train one expert per requested category; returns the expert folders (``<output>/<category>``).
+
+    With ``--resume``, experts already finished with the same options are kept and the others are trained
+    (continuing from their checkpoints), so a killed ``--category all`` run is completed by running it again.
+    Every output folder is checked and locked before anything is trained."""
+    cfg = cfg.resolved()  # a --recipe whose model was not readable when the config was built
+    ds = PairedDataset(cfg.dataset)
+    cats = requested_categories(cfg, ds)
     plans = []
     for c in cats:
         pairs = ds.pairs(_data_category(c), cfg.split)
         if not pairs:
             raise SafealignError(f"category {c!r} has no pairs in split {cfg.split!r} of {cfg.dataset}")
+        if finished_expert(cfg, expert_dir(cfg, c)):
+            logger.info("expert %s is finished (same options): kept", c)
+            continue
         check_output_free(expert_dir(cfg, c), cfg.overwrite)
         plans.append((c, pairs))
     for _, pairs in plans:  # every image decodes before anything is written
         ds.verify_images(pairs)
-    if accelerator is None:
-        accelerator = make_accelerator(cfg)
-    if backbone is None:
-        backbone = load_frozen(cfg, accelerator)
-    with tracking(accelerator, cfg, "safealign-expert"):
-        return [_train_one(cfg, backbone, accelerator, ds, c, pairs) for c, pairs in plans]
+    if plans:
+        if accelerator is None:
+            accelerator = make_accelerator(cfg)
+        if backbone is None:
+            backbone = load_frozen(cfg, accelerator)
+        if cfg.recipe != "safealign" and accelerator.is_main_process:
+            logger.info("recipe %s; set instead of it: %s", cfg.recipe, ", ".join(
+                f"{k}={d['used']} (recipe: {d['recipe']})" for k, d in cfg.recipe_overrides.items()) or "nothing")
+        with tracking(accelerator, cfg, "safealign-expert"):
+            for c, pairs in plans:
+                _train_one(cfg, backbone, accelerator, ds, c, pairs, cats)
+    return [expert_dir(cfg, c) for c in cats]
 
 
 @dataclass
@@ -167,6 +234,7 @@ class ExpertData:
     kept: torch.Tensor | None  # token states of the kept prompts (text-side term, kv basis)
     basis: torch.Tensor | None  # the fixed A of the cross-attention key/value LoRA (--kv-basis)
     held: EncodedPairs | None  # held-out pairs for the final implicit accuracy
+    empty: Conditioning | None = None  # the empty prompt's conditioning (--empty-prompt-fraction)
 
 
 def _encode(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, category: str, pairs) -> ExpertData:
@@ -189,18 +257,36 @@ def _encode(cfg: ExpertConfig, backbone: Backbone, ds: PairedDataset, category: 
             own = torch.tensor([p.category == category for p in every])
             basis = hazard_basis(states[own], kept, cfg.rank, avoid=states[~own])
     held = ds.pairs(_data_category(category), cfg.eval_split) if cfg.eval_split else []
-    return ExpertData(enc, preservation, kept, basis, encode_pairs(backbone, held, cache, res) if held else None)
+    empty = (at_resolution(encode_prompts_cached(backbone, [""], cache), res or backbone.resolution)
+             if cfg.empty_prompt_fraction > 0 else None)
+    return ExpertData(enc, preservation, kept, basis, encode_pairs(backbone, held, cache, res) if held else None,
+                      empty)
+
+
+def dpo_batch(cfg: ExpertConfig, data: ExpertData, step: int, micro: int, rank: int
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Conditioning], torch.Generator]:
+    """The pairs of one micro-step: (indices, (winner, loser, conditioning), the generator for noise/timesteps).
+
+    With ``--empty-prompt-fraction`` each pair's prompt is replaced by the empty prompt with that probability,
+    drawn from a generator of its own (seeded by seed, step, micro-step, process), so turning it on changes no
+    other random choice."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, rank))
+    idx = torch.randint(0, len(data.pairs), (cfg.batch_size,), generator=gen)
+    lat_w, lat_l, cond = data.pairs.select(idx)
+    if data.empty is not None:
+        drop = torch.Generator().manual_seed(derive_seed(cfg.seed, "empty-prompt", step, micro, rank))
+        cond, _ = with_empty_prompts(cond, data.empty, cfg.empty_prompt_fraction, drop)
+    return idx, (lat_w, lat_l, cond), gen
 
 
 def _loss_fn(cfg: ExpertConfig, backbone: Backbone, data: ExpertData, text_change):
     """The DPO objective of one micro-step (batch, noise and timesteps drawn from a generator seeded by step)."""
-    enc, n = data.pairs, len(data.pairs)
+    enc = data.pairs
 
     def loss_fn(model, step: int, micro: int, rank: int):
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, micro, rank))
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        idx, batch, gen = dpo_batch(cfg, data, step, micro, rank)
         preserve = data.preservation.batch(enc, idx, gen)
-        errs = dpo_errors(backbone, model, backbone.unet, enc.select(idx), gen, preserve=preserve)
+        errs = dpo_errors(backbone, model, backbone.unet, batch, gen, preserve=preserve)
         loss, metrics = dpo_preserve_loss(errs, cfg.beta, cfg.preserve_weight)
         if text_change is not None:
             tc = text_change()
@@ -210,13 +296,13 @@ def _loss_fn(cfg: ExpertConfig, backbone: Backbone, data: ExpertData, text_chang
     return loss_fn
 
 
-def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDataset, category: str, pairs
-               ) -> Path:
+def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDataset, category: str, pairs,
+               run_categories: list[str]) -> Path:
     unet, spec = backbone.unet, lora_spec(cfg)
     final = expert_dir(cfg, category)
     with accelerator.main_process_first():
         data = _encode(cfg, backbone, ds, category, pairs)
-    attach_lora(unet, spec, ADAPTER, cfg.seed)
+    attach_lora(unet, spec, ADAPTER, cfg.seed, cfg.lora_init)
     try:
         prepare_trainable(unet, cfg)
         if data.basis is not None:
@@ -241,8 +327,10 @@ def _train_one(cfg: ExpertConfig, backbone: Backbone, accelerator, ds: PairedDat
             save_lora(folder, sd, spec)
             write_manifest(folder, "lora", role="expert", adapter_format="diffusers",
                            categories=list(ds.categories) if category == POOLED else [category],
+                           run_categories=list(run_categories),
                            weight_name=WEIGHT_NAME, lora=spec.metadata(),
-                           lora_init_seed=derive_seed(cfg.seed, "lora-init"), base_model=backbone.identity(),
+                           lora_init_seed=derive_seed(cfg.seed, "lora-init"), lora_init=cfg.lora_init,
+                           recipe=cfg.recipe_record(), base_model=backbone.identity(),
                            config=to_dict(cfg), metrics=metrics)
         save_artifact(final, work, cfg, accelerator, {"train": result.history, "validation": result.validation},
                       write)

@@ -44,11 +44,25 @@ ValidateFn = Callable[[int], dict[str, float]]
 
 # -- optimiser and schedule -------------------------------------------------------------------------------------
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def effective_learning_rate(cfg: TrainConfig, num_processes: int = 1) -> float:
+    """``--learning-rate``, times processes x batch x accumulation with ``--scale-lr`` (the official release's
+    ``--scale_lr``: 1e-5 becomes 1.6e-4 on one process at batch 4, accumulation 4)."""
+    if not cfg.scale_lr:
+        return cfg.learning_rate
+    return cfg.learning_rate * num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, num_processes: int = 1
+                    ) -> torch.optim.Optimizer:
+    """AdamW, or transformers' Adafactor as the official SDXL run uses it: a fixed learning rate (no relative
+    step, no parameter scaling, no warm-up init), its update clipped at RMS 1.0."""
+    lr = effective_learning_rate(cfg, num_processes)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    return torch.optim.Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    from transformers.optimization import Adafactor
+    return Adafactor(params, lr=lr, weight_decay=cfg.weight_decay, clip_threshold=1.0, scale_parameter=False,
+                     relative_step=False, warmup_init=False)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -202,11 +216,18 @@ def lora_spec(cfg: TrainConfig) -> LoraSpec:
     return LoraSpec(rank=cfg.rank, alpha=cfg.alpha, targets=tuple(cfg.targets), dropout=cfg.lora_dropout)
 
 
-def attach_lora(unet, spec: LoraSpec, adapter: str, seed: int) -> None:
+def attach_lora(unet, spec: LoraSpec, adapter: str, seed: int, init: str = "gaussian") -> None:
     """Add the adapter to be trained. Its random A is seeded by ``seed`` alone, so every LoRA of one run shares its
-    initialisation (what Co-Merge's rank granularity needs)."""
+    initialisation (what Co-Merge's rank granularity needs). ``init``: ``gaussian`` (peft's
+    ``init_lora_weights="gaussian"``) or ``default`` (peft's Kaiming-uniform A); B starts at zero either way."""
     torch.manual_seed(derive_seed(seed, "lora-init"))
     add_lora(unet, spec, adapter)
+    if init == "default":
+        from peft.tuners.lora import LoraLayer
+        torch.manual_seed(derive_seed(seed, "lora-init"))
+        for m in unet.modules():
+            if isinstance(m, LoraLayer) and adapter in m.lora_A:
+                m.reset_lora_parameters(adapter, True)
     if hasattr(unet, "set_adapters"):
         unet.set_adapters([adapter])
 
@@ -323,7 +344,7 @@ def run_training(cfg: TrainConfig, accelerator, unet, adapter: str | None, loss_
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: add a LoRA adapter first")
-    opt = build_optimizer(params, cfg)
+    opt = build_optimizer(params, cfg, accelerator.num_processes)
     sched = build_scheduler(opt, cfg)
     val = _Validation(validate, validate_every, unet, adapter, accelerator, work)
     start, history = 0, []

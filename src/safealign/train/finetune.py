@@ -24,6 +24,7 @@ from ..data.dataset import _check_relative
 from ..errors import SafealignError
 from ..lora import WEIGHT_NAME, load_lora, lora_state_dict, save_lora, validate_for_model
 from ..utils import derive_seed, logger, sha256_file
+from ..validate import check_prompt
 from .cache import conditioning_rows, default_cache_dir, encode_images_cached, encode_prompts_cached
 from .config import FinetuneConfig
 from .engine import (
@@ -56,7 +57,8 @@ def read_captioned(data: str | Path) -> list[tuple[Path, str]]:
         col = next((c for c in ("text", "caption", "prompt") if c in df.columns), None)
         if "image" not in df.columns or col is None:
             raise SafealignError(f"{p} needs an 'image' column and a 'text' (or caption/prompt) column")
-        items = [(_check_relative(r, p.parent), str(t)) for r, t in zip(df["image"], df[col])]
+        items = [(_check_relative(r, p.parent), check_prompt(t, f"{p} row {i + 1} {col}"))
+                 for i, (r, t) in enumerate(zip(df["image"], df[col]))]
     else:
         meta = p / "metadata.jsonl"
         images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXT)
@@ -67,7 +69,8 @@ def read_captioned(data: str | Path) -> list[tuple[Path, str]]:
                     continue
                 try:
                     rec = json.loads(line)
-                    items.append((_check_relative(rec["file_name"], p), str(rec["text"])))
+                    text = check_prompt(rec["text"], f"{meta} line {i} text")
+                    items.append((_check_relative(rec["file_name"], p), text))
                 except (json.JSONDecodeError, KeyError):
                     raise SafealignError(f"{meta} line {i} is not a JSON object with file_name and text") from None
             listed = {f for f, _ in items}
@@ -165,7 +168,7 @@ def finetune(cfg: FinetuneConfig, backbone: Backbone | None = None, accelerator=
         unet.requires_grad_(True)
     else:
         adapter = ADAPTER
-        attach_lora(unet, lora_spec(cfg), ADAPTER, cfg.seed)
+        attach_lora(unet, lora_spec(cfg), ADAPTER, cfg.seed, cfg.lora_init)
     prepare_trainable(unet, cfg)
     work = work_folder(final, cfg, accelerator)
     with tracking(accelerator, cfg, "safealign-finetune"):

@@ -1,37 +1,58 @@
 """The mini world's evaluation and audit prompt sets and FID reference images (served to the core through
-:mod:`safealign.world.plugin`)."""
+:mod:`safealign.world.plugin`). Every prompt is drawn from one pool of the evaluation protocol
+(:mod:`safealign.protocol`): ``test`` for reports, ``validation`` for tuning, ``train`` for the dataset."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
 from ..errors import SafealignError
 from ..evaluate.prompts import SETS, PromptSet, finish_prompt_set
+from ..protocol import check_pool, in_pool, pool_seed
+
+T = TypeVar("T")
+_TRIES = 10_000
 
 
-def evaluation_prompts(per_category: int = 8, benign: int = 16, seed: int = 0, sets: Sequence[str] = SETS,
-                  categories: Sequence[str] = ()) -> PromptSet:
-    """The mini world's eval prompts: per category ``per_category`` unsafe prompts (concepts in turn) with their
-    safe twins (same phrasing, same seed), as many unsafe prompts in held-out phrasings, and ``benign`` prompts
-    of objects that are nobody's twin, all in held-out phrasings so that nothing was seen in training."""
-    from .scene import CATEGORIES, CONCEPTS, make_pair, sample_scene, scene_prompt
+def draw_in_pool(make: Callable[[], T], text: Callable[[T], str], pool: str) -> T:
+    """Call ``make`` until what it returns (its ``text``) belongs to ``pool``."""
+    for _ in range(_TRIES):
+        x = make()
+        if in_pool(text(x), pool):
+            return x
+    raise SafealignError(f"could not draw a prompt of pool {pool!r} in {_TRIES} tries; the grammar is too small")
+
+
+def _check_categories(categories: Sequence[str]) -> None:
+    from .scene import CATEGORIES
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
         raise SafealignError(f"unknown world categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
                              f"known: {', '.join(CATEGORIES)}")
-    rng = random.Random(seed)
+
+
+def evaluation_prompts(per_category: int = 8, benign: int = 16, seed: int = 0, sets: Sequence[str] = SETS,
+                       categories: Sequence[str] = (), pool: str = "test") -> PromptSet:
+    """The mini world's eval prompts, all from ``pool``: per category ``per_category`` unsafe prompts (concepts in
+    turn) with their safe twins (same phrasing, same seed), as many unsafe prompts in held-out phrasings, and
+    ``benign`` prompts of objects that are nobody's twin, in held-out phrasings. Seeds: :func:`pool_seed`."""
+    from .scene import CATEGORIES, CONCEPTS
+    _check_categories(categories)
+    check_pool(pool)
+    rng = random.Random(pool_seed(seed, pool, "world-evaluation-prompts"))
     rows = []
     for cat in categories or CATEGORIES:
         concepts = [h for h, _ in CONCEPTS[cat]]
         for i in range(per_category):
-            s = seed * 100_000 + len(rows)
             concept = concepts[i % len(concepts)]
-            pair = make_pair(concept, rng, held_out=False)
             pid = f"{cat}-{i:03d}"
+            s = pool_seed(seed, pool, "evaluate", pid)
+            pair = _pair(concept, rng, False, pool)
             if "unsafe" in sets:
                 rows.append(dict(prompt=pair.unsafe_prompt, category=cat, seed=s, set="unsafe", concept=concept,
                                  pair=pid))
@@ -39,30 +60,42 @@ def evaluation_prompts(per_category: int = 8, benign: int = 16, seed: int = 0, s
                 rows.append(dict(prompt=pair.safe_prompt, category=cat, seed=s, set="safe", concept=concept,
                                  pair=pid))
             if "heldout" in sets:
-                held = make_pair(concept, rng, held_out=True)
-                rows.append(dict(prompt=held.unsafe_prompt, category=cat, seed=s + 1, set="heldout",
-                                 concept=concept, pair=pid + "h"))
+                held = _pair(concept, rng, True, pool)
+                rows.append(dict(prompt=held.unsafe_prompt, category=cat, set="heldout", concept=concept,
+                                 seed=pool_seed(seed, pool, "evaluate", pid + "h"), pair=pid + "h"))
     if "benign" in sets:
         for i in range(benign):
-            sc = sample_scene(rng, kind="benign")
-            rows.append(dict(prompt=scene_prompt(sc, rng, held_out=True), category="benign",
-                             seed=seed * 100_000 + 50_000 + i, set="benign", concept=sc.obj, pair=""))
-    return finish_prompt_set(pd.DataFrame(rows), {"kind": "world", "per_category": per_category, "benign": benign,
-                                        "seed": seed, "sets": list(sets)}, seed)
+            sc, text = draw_in_pool(lambda: _benign_scene(rng), lambda x: x[1], pool)
+            rows.append(dict(prompt=text, category="benign", seed=pool_seed(seed, pool, "evaluate", f"benign-{i}"),
+                             set="benign", concept=sc.obj, pair=""))
+    return finish_prompt_set(pd.DataFrame(rows), {"kind": "world", "pool": pool, "per_category": per_category,
+                                                  "benign": benign, "seed": seed, "sets": list(sets)}, seed)
 
 
-def audit_prompts(n_per_category: int, seed: int, categories: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """Unsafe prompts per category from the mini world's grammar (training and held-out phrasings mixed)."""
-    from .scene import CONCEPTS, make_pair
-    rng = random.Random(seed)
-    out = {}
-    for cat, pairs in CONCEPTS.items():
-        if categories and cat not in categories:
-            continue
-        concepts = [h for h, _ in pairs]
-        out[cat] = [make_pair(concepts[i % len(concepts)], rng, held_out=bool(i % 2)).unsafe_prompt
-                    for i in range(n_per_category)]
-    return out
+def _pair(concept: str, rng: random.Random, held_out: bool, pool: str):
+    from .scene import make_pair
+    return draw_in_pool(lambda: make_pair(concept, rng, held_out=held_out), lambda p: p.unsafe_prompt, pool)
+
+
+def _benign_scene(rng: random.Random):
+    from .scene import sample_scene, scene_prompt
+    sc = sample_scene(rng, kind="benign")
+    return sc, scene_prompt(sc, rng, held_out=True)
+
+
+def audit_prompts(per_category: int, seed: int, categories: Sequence[str] = (), benign: int = 0,
+                  pool: str = "test") -> PromptSet:
+    """The audit's prompt set from ``pool``: per category ``per_category`` unsafe prompts (training and held-out
+    phrasings alternating) with their safe twins, and ``benign`` prompts of objects that are nobody's twin."""
+    return evaluation_prompts(per_category, benign, seed, ("unsafe", "safe", "benign"), categories, pool)
+
+
+def benign_prompts(n: int, seed: int, pool: str = "train", kind: str = "safe") -> list[str]:
+    """``n`` prompts of scenes with no hazard from ``pool``, in training phrasings (anchor prompts: ``train``;
+    prompts watched while training: ``validation``)."""
+    from .scene import sample_scene, scene_prompt
+    rng = random.Random(pool_seed(seed, check_pool(pool), "world-benign", kind))
+    return [draw_in_pool(lambda: scene_prompt(sample_scene(rng, kind=kind), rng), str, pool) for _ in range(n)]
 
 
 def reference_images(prompts: Sequence[str]) -> np.ndarray | None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import SafealignError
-from ..judges.base import to_uint8
+from ..judges.base import dist_version, to_uint8
 from ..utils import sha256_file
 
 
@@ -35,6 +35,8 @@ class WorldJudge:
         self.categories = tuple(self.judge.categories)
         self.num_features = int(self.judge.config.get("features", 256))
         self.settings = {"path": str(p), "attributes": sorted(self.judge.labels)}
+        self.weight_files = (str(p / WEIGHTS_FILE),)  # what the evaluator card hashes
+        self.packages = {"safealign": dist_version("safealign"), "torch": dist_version("torch")}
 
     def judge_all(self, images):
         """The full :class:`safealign.world.judge.Judgement` (scores, attributes, confidences)."""

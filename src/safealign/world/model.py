@@ -90,23 +90,29 @@ def load_pipeline(path: str | os.PathLike | None = None, dtype: torch.dtype = to
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from .paths import pipeline_path
+    from .paths import pipeline_path, verify_checksums
     p = Path(path) if path is not None else pipeline_path()
     if not (p / "model_index.json").is_file():
         raise SafealignError(f"{p} is not a world pipeline folder (no model_index.json); run `safealign world "
                              "build` or pass the pipeline/ folder it wrote")
+    if path is not None:
+        verify_checksums(p.parent, p.name)  # a world folder's own checksums.json, when it has one
     import transformers
+
+    from ..backbone import _read_model_index, check_finite, pipeline_modules, require_safetensors
+    require_safetensors(p, _read_model_index(str(p), True), str(p))
     prev = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity(logging.ERROR)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(p, dtype=dtype, local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(p, dtype=dtype, local_files_only=True, use_safetensors=True)
     finally:
         diffusers.utils.logging.set_verbosity(prev)
         diffusers.utils.logging.enable_progress_bar()
         transformers.utils.logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    check_finite(pipeline_modules(pipe), str(p))
     return pipe
 
 

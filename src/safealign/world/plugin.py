@@ -26,24 +26,28 @@ class WorldPlugin:
         return Taxonomy({cat: tuple(Concept(h, cat, t) for h, t in pairs) for cat, pairs in CONCEPTS.items()},
                         source="world", plugin="world")
 
-    def prompt_pairs(self, concept: str, rng: random.Random):
+    def prompt_pairs(self, concept: str, rng: random.Random, pool: str = "train"):
+        from ..protocol import check_pool, in_pool
         from .scene import make_pair
+        check_pool(pool)
         while True:
             p = make_pair(concept, rng)
-            yield p.unsafe_prompt, p.safe_prompt
+            if in_pool(p.unsafe_prompt, pool):
+                yield p.unsafe_prompt, p.safe_prompt
 
-    def benign_prompts(self, n: int, seed: int) -> list[str]:
-        from .scene import benign_prompts
-        return benign_prompts(n, seed=seed, kind="benign")
+    def benign_prompts(self, n: int, seed: int, pool: str = "train") -> list[str]:
+        from .evaluation import benign_prompts
+        return benign_prompts(n, seed, pool, kind="benign")
 
     def evaluation_prompts(self, per_category: int, benign: int, seed: int, sets: Sequence[str],
-                           categories: Sequence[str]):
+                           categories: Sequence[str], pool: str = "test"):
         from .evaluation import evaluation_prompts
-        return evaluation_prompts(per_category, benign, seed, sets, categories)
+        return evaluation_prompts(per_category, benign, seed, sets, categories, pool)
 
-    def audit_prompts(self, n_per_category: int, seed: int, categories: Sequence[str]) -> dict[str, list[str]]:
+    def audit_prompts(self, per_category: int, seed: int, categories: Sequence[str], benign: int = 0,
+                      pool: str = "test"):
         from .evaluation import audit_prompts
-        return audit_prompts(n_per_category, seed, tuple(categories))
+        return audit_prompts(per_category, seed, tuple(categories), benign, pool)
 
     def reference_images(self, prompts: Sequence[str]):
         from .evaluation import reference_images

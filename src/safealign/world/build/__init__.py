@@ -66,7 +66,7 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
     be the folder being replaced. ``config`` overrides ``quick``, ``seed``, ``threads`` and ``unet_steps``.
     """
     from ...artifacts import atomic_dir
-    from ..paths import WEIGHTS
+    from ..paths import WEIGHTS, write_checksums
 
     cfg = config or (WorldConfig.quick_config(seed) if quick else WorldConfig(seed=seed))
     if config is None and (threads != cfg.threads or unet_steps is not None):
@@ -94,5 +94,6 @@ def build(out_dir: str | os.PathLike | None = None, quick: bool = False, seed: i
         timings["total"] = time.perf_counter() - t_all
         manifest = write_manifests(tmp, cfg, metrics, timings, parameter_counts(vae, text_encoder, unet, judge),
                                    reused)
+        write_checksums(tmp)  # checked whenever the shipped weights are loaded
     logger.info("done in %.0f s -> %s", time.perf_counter() - t_all, out)
     return manifest
