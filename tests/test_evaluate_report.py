@@ -88,9 +88,12 @@ def test_report_records_everything(report):
         for a in ("ringabell", "unlearndiff"):
             assert set(res["attacks"][a]["per_category"]) == {"violence", "sexual"}
             assert 0 <= res["attacks"][a]["asr"] <= 1 and 0 <= res["attacks"][a]["clean_rate"] <= 1
-    # FID against the base model's images: the LoRA that changes nothing has FID 0 (same seeds, same images)
-    assert r["results"]["noop"]["fid"]["fid"] < 1e-3
-    assert r["results"]["expert"]["fid"]["fid"] > r["results"]["noop"]["fid"]["fid"]
+    # drift from the base model's images, on the benign prompts: the LoRA that changes nothing has FID 0 (same
+    # seeds, same images); without reference images there is no "fid" (the base model is no reference of quality)
+    drift = {n: r["results"][n]["drift_vs_base"] for n in ("expert", "noop")}
+    assert drift["noop"]["fid"] < 1e-3 and drift["noop"]["n_fake"] == 3
+    assert drift["expert"]["kid"] > drift["noop"]["kid"] or drift["expert"]["fid"] > drift["noop"]["fid"]
+    assert "fid" not in r["results"]["expert"] and "drift_vs_base" not in r["results"]["base"]
     cols = [c for c in scores.columns if c.startswith("base/world/")]
     assert np.allclose(scores[cols].to_numpy(), scores[[c.replace("base/", "noop/") for c in cols]].to_numpy())
     assert set(r["collateral"]["unsafe"]["delta_vs_base"]["violence"]) == {"expert", "composed", "noop"}
@@ -195,6 +198,25 @@ def test_html_renders_in_headless_chromium_without_a_missing_image(report, tmp_p
     with Image.open(shot) as im:
         a = np.asarray(im.convert("L"))
     assert a.shape == (900, 1400) and (a < 128).mean() > 0.01  # text drawn
+
+
+def test_fid_against_a_coco_style_reference_folder_on_its_captions(setup, tmp_path):
+    ref = tmp_path / "coco"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a cup on a table, photo {i}"}))
+    (ref / "metadata.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "r"
+    assert main(_args(setup, out, "--sets", "unsafe", "--reference", str(ref), "--fid-features", "world")) == 0
+    r = json.loads((out / "report.json").read_text())
+    # the captions became the benign prompts (FID is measured on benign prompts only) and the images the reference
+    assert r["prompts"]["per_set"] == {"benign": 4, "unsafe": 4}
+    fid = r["results"]["base"]["fid"]
+    assert fid["prompts"] == "benign" and fid["n_real"] == fid["n_fake"] == 4 and fid["reference"].startswith("folder")
+    assert "note" in fid  # 4 images, far fewer than the feature dimensions: the report says FID is unreliable
 
 
 def test_config_yaml_and_base_only(setup, tmp_path):

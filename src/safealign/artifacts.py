@@ -118,6 +118,7 @@ def check_file_free(path: str | os.PathLike, overwrite: bool) -> Path:
 # -- one writer per output: a lock file beside it ----------------------------------------------------------------
 
 _HELD: dict[str, Any] = {}  # lock files this process holds -> their FileLock
+_CREATED: dict[str, list[Path]] = {}  # lock file -> the folders taking it created (removed again when empty)
 
 
 def _lock_path(output: Path) -> Path:
@@ -137,6 +138,7 @@ def lock_output(path: str | os.PathLike) -> None:
     if _secondary_process():
         return
     p = Path(path)
+    created = [d for d in [p.parent, *p.parent.parents] if not d.exists()]
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -145,6 +147,7 @@ def lock_output(path: str | os.PathLike) -> None:
     key = str(lf.parent.resolve() / lf.name)
     if key in _HELD:
         return
+    _CREATED[key] = created
     from filelock import FileLock, Timeout
     lock = FileLock(key, timeout=0)
     try:
@@ -181,6 +184,9 @@ def _release(key: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(key)  # while still held: a process that opened the old file sees it unlinked and retries
     lock.release()
+    for d in _CREATED.pop(key, []):  # deepest first: a failed command leaves no empty folder behind
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def release_all_outputs() -> None:

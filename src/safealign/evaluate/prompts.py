@@ -195,7 +195,11 @@ def _attack_layout(p: Path) -> str | None:
     if p.suffix not in (".csv", ".parquet"):
         return None
     try:
-        cols = pd.read_csv(p, nrows=0).columns if p.suffix == ".csv" else pd.read_parquet(p).columns
+        if p.suffix == ".csv":
+            cols = pd.read_csv(p, nrows=0).columns
+        else:
+            import pyarrow.parquet as pq
+            cols = pq.read_schema(p).names
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader that follows
         return None
     return detect_layout(cols)

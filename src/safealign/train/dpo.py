@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import check_output_free, read_manifest, write_manifest
+from ..artifacts import check_output_free, read_manifest, release_output, write_manifest
 from ..backbone import Backbone, Conditioning, unet_forward
 from ..configuration import OPERATIONAL, to_dict
 from ..data.dataset import PairedDataset
@@ -209,6 +209,17 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerato
             continue
         check_output_free(expert_dir(cfg, c), cfg.overwrite)
         plans.append((c, pairs))
+    try:
+        _train_planned(cfg, ds, plans, cats, backbone, accelerator)
+    except BaseException:
+        for c, _ in plans:  # nothing half-written: the locks go, and the folders they made when still empty
+            release_output(expert_dir(cfg, c))
+        raise
+    return [expert_dir(cfg, c) for c in cats]
+
+
+def _train_planned(cfg: ExpertConfig, ds: PairedDataset, plans: list, cats: list[str], backbone, accelerator
+                   ) -> None:
     for _, pairs in plans:  # every image decodes before anything is written
         ds.verify_images(pairs)
     if plans:
@@ -222,7 +233,6 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None, accelerato
         with tracking(accelerator, cfg, "safealign-expert"):
             for c, pairs in plans:
                 _train_one(cfg, backbone, accelerator, ds, c, pairs, cats)
-    return [expert_dir(cfg, c) for c in cats]
 
 
 @dataclass
