@@ -253,6 +253,33 @@ def test_second_writer_refuses_at_once_and_the_first_completes(tmp_path, capsys)
     assert not (tmp_path / ".ds.lock").exists()
 
 
+def test_two_evaluate_runs_on_one_output_the_second_refuses_at_once(tiny_paths, tmp_path):
+    import time
+    out = tmp_path / "report"
+    args = [sys.executable, "-m", "safealign.cli", "--no-progress", "evaluate", "--model", str(tiny_paths["sd1"]),
+            "--prompts", str(_prompt_csv(tmp_path)), "--judges", "toy_judge:slow_red_judge", "--steps", "2",
+            "--fid-features", "none", "--output", str(out), "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lock = tmp_path / ".report.lock"
+    deadline = time.time() + 120
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()
+    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 2 and "being written by another safealign process" in second.stderr, second
+    assert first.poll() is None or first.returncode == 0  # refused before touching the first run's work
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert json.loads((out / "report.json").read_text())["results"]["base"]  # the first completed
+    assert not lock.exists()
+
+
+def _prompt_csv(folder):
+    f = folder / "p.csv"
+    f.write_text("prompt,category\n" + "".join(f"a red knife {i},violence\n" for i in range(4)))
+    return f
+
+
 # -- filesystem errors: one line, exit 2, nothing left behind ---------------------------------------------------
 
 def test_output_under_a_regular_file(tmp_path, capsys):

@@ -229,3 +229,19 @@ def test_demo_summary_counts_safe_twins_in_attribute_accuracy():
     assert (row["hate"], row["unsafe"], row["safe"], row["attr"], row["fid"]) == (0.5, 0.5, 0.1, 0.6, 10.0)
     [row] = summary_rows({"m": {"sets": sets}})  # an older report without it: the benign prompts'
     assert row["attr"] == 0.9 and row["fid"] != row["fid"]
+
+
+def test_demo_verdict_table_reads_each_set_with_its_interval(tmp_path):
+    from safealign.demo import verdict_markdown
+
+    def rate(v, n=16):
+        return {"value": v, "n": n, "ci95": [max(0.0, v - 0.1), min(1.0, v + 0.1)]}
+    sets = {s: {"ip": {"overall": rate(v)}} for s, v in (("unsafe", 0.2), ("heldout", 0.3), ("safe", 0.05),
+                                                          ("benign", 0.0))}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.json").write_text(json.dumps({"results": {
+        "aligned": {"sets": sets, "object_accuracy": rate(0.9, 32)}}}))
+    table = verdict_markdown(tmp_path)
+    assert "| aligned (Co-Merge of the experts) | 0.20 [0.10, 0.30] | 0.30 [0.20, 0.40] | 0.05 [0.00, 0.15] | " \
+           "0.00 [0.00, 0.10] | 0.90 [0.80, 1.00] |" in table
+    assert "no report found" == verdict_markdown(tmp_path / "nothing")

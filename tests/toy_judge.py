@@ -40,3 +40,10 @@ def threshold_judge(images):
 
 
 threshold_judge.threshold = 0.7
+
+
+def slow_red_judge(images):
+    """red_judge after a 10-second pause: a run that is surely still writing when a second one starts."""
+    import time
+    time.sleep(10)
+    return red_judge(images)

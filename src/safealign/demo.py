@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a short demo on a tiny built-in pipeline instead")
     ap.add_argument("--out", default="demo-out", help="--tiny: where it writes (replaced on each run)")
     ap.add_argument("--steps", type=int, default=200, help="--tiny: DPO steps per expert")
+    ap.add_argument("--table", metavar="RUN_FOLDER", default="",
+                    help="print the verdict table of a finished run folder (markdown, with intervals) and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        print(verdict_markdown(Path(a.table)))
+        return 0
     from .errors import SafealignError
     try:
         return _tiny(a) if a.tiny and not a.print_config else _world(a)
@@ -41,6 +46,8 @@ def _world(a: argparse.Namespace) -> int:
     out = run_pipeline(config)
     print()
     print(world_summary(out))
+    print()
+    print(verdict_markdown(out))
     reports = [str(out / r / "index.html") for r in ("report", "report-finetune", "report-full")
                if (out / r / "index.html").is_file()]
     print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; reports: {', '.join(reports)}")
@@ -94,6 +101,44 @@ def summary_rows(results: dict) -> list[dict]:
         row["fid"] = r.get("fid", {}).get("fid", float("nan"))
         rows.append(row)
     return rows
+
+
+#: the verdict table's rows: (report folder, model, label)
+VERDICT_MODELS = (("report", "base", "base"), ("report", "aligned", "aligned (Co-Merge of the experts)"),
+                  ("report-finetune", "modular", "aligned + task LoRA (Modular LoRA)"),
+                  ("report-finetune", "sequential", "aligned + task LoRA (sequential)"),
+                  ("report-full", "full", "full fine-tune of the aligned model"))
+
+
+def verdict_markdown(out: Path) -> str:
+    """Per model: IP under unsafe, held-out, safe-twin and benign prompts and object accuracy, each with its Wilson
+    95% interval, from the run's reports (markdown)."""
+    import json
+
+    def cell(rate: dict | None) -> str:
+        if not rate:
+            return "-"
+        lo, hi = rate["ci95"]
+        return f"{rate['value']:.2f} [{lo:.2f}, {hi:.2f}]"
+    head = ["| model | IP, unsafe | IP, held-out | IP, safe twins | IP, benign | object accuracy |",
+            "|---|---|---|---|---|---|"]
+    rows, ns = [], {}
+    for rep, name, label in VERDICT_MODELS:
+        f = Path(out) / rep / "report.json"
+        if not f.is_file():
+            continue
+        r = json.loads(f.read_text())["results"].get(name)
+        if r is None:
+            continue
+        sets = r["sets"]
+        ns = {s: v["ip"]["overall"]["n"] for s, v in sets.items()}
+        rows.append(f"| {label} | " + " | ".join(cell(sets.get(s, {}).get("ip", {}).get("overall"))
+                                                for s in ("unsafe", "heldout", "safe", "benign"))
+                    + f" | {cell(r.get('object_accuracy'))} |")
+    if not rows:
+        return "no report found"
+    sizes = ", ".join(f"{s} {n}" for s, n in ns.items())
+    return "\n".join([*head, *rows, "", f"Images per prompt set: {sizes}; 95% Wilson intervals."])
 
 
 def world_summary(out: Path) -> str:
