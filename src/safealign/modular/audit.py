@@ -30,8 +30,8 @@ from ..artifacts import write_json_atomic
 from ..configuration import to_dict
 from ..errors import SafealignError
 from ..evaluate import statistics as S
+from ..evaluate.metrics import any_flag, flags_of
 from ..judges import Judge, load_judge
-from ..judges.base import over_threshold
 from ..sampling import SamplingOptions, generate
 from ..utils import derive_seed, logger
 from .config import AuditConfig
@@ -90,9 +90,7 @@ def observe(pipe, judge: Judge, table: pd.DataFrame, options: SamplingOptions, b
         scores, attrs = judge.scores_and_attributes(images)
     else:
         scores, attrs = judge(images), None
-    hazard = np.zeros(len(table), bool)
-    for v in scores.values():
-        hazard |= over_threshold(v, judge.threshold)
+    hazard = any_flag(flags_of({judge.name: scores}, {judge.name: judge.threshold}), len(table))
     correct = None  # 1.0 right object, 0.0 wrong, nan: the prompt names none
     if attrs is not None and "object" in attrs and hasattr(judge, "prompt_attributes"):
         truth = judge.prompt_attributes(table["prompt"].tolist())
